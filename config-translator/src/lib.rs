@@ -1,0 +1,11 @@
+//! # sluice-config
+//!
+//! Turns CiliumEnvoyConfig / CiliumClusterwideEnvoyConfig documents (plus the Kubernetes
+//! Services, EndpointSlices and Secrets they refer to) into Sluice's native [`model`].
+//!
+//! The crate is pure: no I/O, no async, no clocks. Every source of configuration (files,
+//! the Kubernetes API) hands it documents and gets back a [`model::Snapshot`] with
+//! [`diag::Diagnostic`]s attached.
+
+pub mod diag;
+pub mod model;

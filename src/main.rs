@@ -1,0 +1,3 @@
+fn main() {
+    println!("sluice {}", env!("CARGO_PKG_VERSION"));
+}
