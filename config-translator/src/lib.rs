@@ -9,3 +9,14 @@
 
 pub mod diag;
 pub mod model;
+pub mod decode;
+pub mod document;
+pub mod json;
+pub mod k8s;
+pub mod qualify;
+pub mod translate;
+
+pub use diag::{Diagnostic, Severity};
+pub use document::{DocKind, Document, parse_documents};
+pub use model::Snapshot;
+pub use translate::{Options, Translation, translate};

@@ -64,6 +64,8 @@ pub enum SourceState {
     Accepted,
     /// Rejected because of at least one error diagnostic; nothing of it is in the snapshot.
     Rejected { reason: String },
+    /// The new version is rejected; the last accepted version of the CEC keeps serving.
+    PreviousVersion { reason: String },
     /// `spec.nodeSelector` does not select this node.
     NotSelected,
 }
@@ -103,6 +105,16 @@ pub struct Listener {
     pub filter_chains: Vec<FilterChain>,
     pub default_filter_chain: Option<FilterChain>,
     pub per_connection_buffer_limit_bytes: u32,
+    /// TCP keepalive for accepted connections, from the well-known `socket_options`
+    /// (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) Cilium's translators emit.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct TcpKeepalive {
+    pub idle: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub count: Option<u32>,
 }
 
 impl Listener {
@@ -397,6 +409,8 @@ pub struct RouteConfig {
     pub response_headers: HeaderMutations,
     pub internal_only_headers: Vec<HeaderName>,
     pub most_specific_header_mutations_wins: bool,
+    /// Match virtual host domains against the host without its port.
+    pub ignore_port_in_host_matching: bool,
 }
 
 impl RouteConfig {
