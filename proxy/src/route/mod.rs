@@ -1,0 +1,1 @@
+//! Request routing: virtual host and route selection, rewrites, redirects, header mutations.

@@ -1,0 +1,1 @@
+//! Upstream clusters: endpoints, load balancing, circuit breakers, outlier detection, pools.
