@@ -27,6 +27,10 @@ pub struct Snapshot {
     pub route_configs: BTreeMap<String, Arc<RouteConfig>>,
     /// Clusters by (qualified) name.
     pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// Endpoint assignments by EDS name: `ns/svc`, `ns/svc:port`, `ns/svc:*` computed from
+    /// Services and EndpointSlices as Cilium's agent publishes them, plus the CECs' own
+    /// ClusterLoadAssignment resources.
+    pub endpoints: BTreeMap<String, Vec<Endpoint>>,
     /// Secrets by name (`ns/cec/name` for CEC-local ones, `ns/name` for Kubernetes Secrets).
     pub secrets: BTreeMap<String, Arc<Secret>>,
     /// Kubernetes Services whose traffic `spec.services` redirects to a listener.

@@ -768,6 +768,7 @@ fn assemble(
     snapshot.listeners = listeners;
     snapshot.route_configs = routes;
     snapshot.clusters = clusters;
+    snapshot.endpoints = eds;
     sources.sort_by(|a, b| a.name.cmp(&b.name));
     snapshot.sources = sources;
     snapshot.diagnostics = diags;
