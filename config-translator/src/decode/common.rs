@@ -478,10 +478,16 @@ mod tests {
     #[test]
     fn fractions() {
         let v = json!({"numerator": 25});
-        let (f, _) = with_cx(|cx| fractional_percent(cx, Msg::new(cx.sink, "F", Path::root(""), &v).unwrap()));
+        let (f, _) = with_cx(|cx| {
+            let m = Msg::new(cx.sink, "F", Path::root(""), &v).unwrap();
+            fractional_percent(cx, m)
+        });
         assert_eq!(f.unwrap().per_million, 250_000);
         let v = json!({"numerator": 5, "denominator": "TEN_THOUSAND"});
-        let (f, _) = with_cx(|cx| fractional_percent(cx, Msg::new(cx.sink, "F", Path::root(""), &v).unwrap()));
+        let (f, _) = with_cx(|cx| {
+            let m = Msg::new(cx.sink, "F", Path::root(""), &v).unwrap();
+            fractional_percent(cx, m)
+        });
         assert_eq!(f.unwrap().per_million, 500);
     }
 }
