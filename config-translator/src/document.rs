@@ -31,7 +31,11 @@ pub enum DocKind {
 impl Document {
     pub fn kind(&self) -> DocKind {
         let kind = self.value.get("kind").and_then(Value::as_str);
-        let api = self.value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let api = self
+            .value
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         match kind {
             Some("CiliumEnvoyConfig") => DocKind::CiliumEnvoyConfig,
             Some("CiliumClusterwideEnvoyConfig") => DocKind::CiliumClusterwideEnvoyConfig,
@@ -50,11 +54,17 @@ impl Document {
     }
 
     pub fn namespace(&self) -> &str {
-        self.value.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("")
+        self.value
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 
     pub fn name(&self) -> &str {
-        self.value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
+        self.value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 }
 
@@ -67,7 +77,15 @@ pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, Diagno
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let v: Value = serde_json::from_str(text).map_err(|e| {
-            Diagnostic::error(origin, "", format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
+            Diagnostic::error(
+                origin,
+                "",
+                format!(
+                    "invalid JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ),
+            )
         })?;
         match v {
             Value::Array(items) => values.extend(items),
@@ -76,8 +94,15 @@ pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, Diagno
     } else {
         for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let v = Value::deserialize(de).map_err(|e| {
-                let at = e.location().map(|l| format!(" at line {} column {}", l.line(), l.column())).unwrap_or_default();
-                Diagnostic::error(origin, "", format!("invalid YAML in document {}{at}: {e}", i + 1))
+                let at = e
+                    .location()
+                    .map(|l| format!(" at line {} column {}", l.line(), l.column()))
+                    .unwrap_or_default();
+                Diagnostic::error(
+                    origin,
+                    "",
+                    format!("invalid YAML in document {}{at}: {e}", i + 1),
+                )
             })?;
             values.push(v);
         }
@@ -90,7 +115,12 @@ pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, Diagno
     Ok(docs)
 }
 
-fn flatten(origin: &str, v: Value, n: &mut usize, out: &mut Vec<Document>) -> Result<(), Diagnostic> {
+fn flatten(
+    origin: &str,
+    v: Value,
+    n: &mut usize,
+    out: &mut Vec<Document>,
+) -> Result<(), Diagnostic> {
     match v {
         Value::Null => Ok(()),
         Value::Object(ref o) if o.get("kind").and_then(Value::as_str) == Some("List") => {
@@ -103,13 +133,19 @@ fn flatten(origin: &str, v: Value, n: &mut usize, out: &mut Vec<Document>) -> Re
         }
         Value::Object(_) => {
             *n += 1;
-            out.push(Document { origin: format!("{origin}#{n}"), value: v });
+            out.push(Document {
+                origin: format!("{origin}#{n}"),
+                value: v,
+            });
             Ok(())
         }
         other => Err(Diagnostic::error(
             format!("{origin}#{}", *n + 1),
             "",
-            format!("expected a Kubernetes object, found {}", crate::json::kind(&other)),
+            format!(
+                "expected a Kubernetes object, found {}",
+                crate::json::kind(&other)
+            ),
         )),
     }
 }
@@ -137,7 +173,11 @@ mod tests {
 
     #[test]
     fn json_documents() {
-        let docs = parse_documents("x.json", r#"{"apiVersion":"cilium.io/v2","kind":"CiliumEnvoyConfig","metadata":{"name":"a"}}"#).unwrap();
+        let docs = parse_documents(
+            "x.json",
+            r#"{"apiVersion":"cilium.io/v2","kind":"CiliumEnvoyConfig","metadata":{"name":"a"}}"#,
+        )
+        .unwrap();
         assert_eq!(docs[0].kind(), DocKind::CiliumEnvoyConfig);
         assert!(parse_documents("x.json", "{").is_err());
     }

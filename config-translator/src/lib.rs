@@ -7,12 +7,12 @@
 //! the Kubernetes API) hands it documents and gets back a [`model::Snapshot`] with
 //! [`diag::Diagnostic`]s attached.
 
-pub mod diag;
-pub mod model;
 pub mod decode;
+pub mod diag;
 pub mod document;
 pub mod json;
 pub mod k8s;
+pub mod model;
 pub mod qualify;
 pub mod translate;
 

@@ -67,9 +67,13 @@ pub enum SourceKind {
 pub enum SourceState {
     Accepted,
     /// Rejected because of at least one error diagnostic; nothing of it is in the snapshot.
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
     /// The new version is rejected; the last accepted version of the CEC keeps serving.
-    PreviousVersion { reason: String },
+    PreviousVersion {
+        reason: String,
+    },
     /// `spec.nodeSelector` does not select this node.
     NotSelected,
 }
@@ -170,7 +174,11 @@ impl CidrRange {
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 let len = u32::from(self.prefix_len.min(128));
-                let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+                let mask = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - len)
+                };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -281,7 +289,9 @@ pub struct HttpConnectionManager {
 
 impl HttpConnectionManager {
     pub fn grpc_web(&self) -> bool {
-        self.http_filters.iter().any(|f| matches!(f, HttpFilter::GrpcWeb))
+        self.http_filters
+            .iter()
+            .any(|f| matches!(f, HttpFilter::GrpcWeb))
     }
 
     pub fn upgrade_enabled(&self, upgrade: &str) -> bool {
@@ -323,11 +333,17 @@ impl Default for Http2Options {
 #[serde(rename_all = "snake_case", tag = "name")]
 pub enum HttpFilter {
     /// `envoy.filters.http.router`, always last.
-    Router { suppress_envoy_headers: bool, start_child_span: bool },
+    Router {
+        suppress_envoy_headers: bool,
+        start_child_span: bool,
+    },
     /// `envoy.filters.http.grpc_web`: gRPC-Web <-> gRPC.
     GrpcWeb,
     /// `envoy.filters.http.grpc_stats`: per-method gRPC counters.
-    GrpcStats { stats_for_all_methods: bool, enable_upstream_stats: bool },
+    GrpcStats {
+        stats_for_all_methods: bool,
+        enable_upstream_stats: bool,
+    },
     /// `envoy.filters.http.cors`; policies come from `typed_per_filter_config`.
     Cors,
     /// `envoy.filters.http.health_check`.
@@ -420,7 +436,9 @@ pub struct RouteConfig {
 impl RouteConfig {
     /// Envoy's virtual host selection for a `:authority`/`Host` value.
     pub fn select_vhost(&self, host: &str) -> Option<&Arc<VirtualHost>> {
-        self.vhost_index.select(host).map(|i| &self.virtual_hosts[i])
+        self.vhost_index
+            .select(host)
+            .map(|i| &self.virtual_hosts[i])
     }
 }
 
@@ -563,7 +581,10 @@ pub enum HeaderMatchSpec {
     Present(bool),
     String(StringMatcher),
     /// `range_match`: `start <= value < end`.
-    Range { start: i64, end: i64 },
+    Range {
+        start: i64,
+        end: i64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -674,7 +695,9 @@ pub struct Fraction {
 }
 
 impl Fraction {
-    pub const ALL: Fraction = Fraction { per_million: 1_000_000 };
+    pub const ALL: Fraction = Fraction {
+        per_million: 1_000_000,
+    };
 
     /// `sample` is uniform in [0, 1_000_000).
     pub fn hit(&self, sample: u32) -> bool {
@@ -870,7 +893,9 @@ pub struct HeaderValueTemplate {
 
 impl HeaderValueTemplate {
     pub fn literal(s: &str) -> Self {
-        HeaderValueTemplate { parts: vec![TemplatePart::Literal(s.to_string())] }
+        HeaderValueTemplate {
+            parts: vec![TemplatePart::Literal(s.to_string())],
+        }
     }
 
     /// The value when it has no variables.
@@ -986,11 +1011,15 @@ pub struct Cluster {
 pub enum Discovery {
     Static,
     /// EDS: `service_name` is the ClusterLoadAssignment the endpoints come from.
-    Eds { service_name: String },
+    Eds {
+        service_name: String,
+    },
     StrictDns,
     LogicalDns,
     /// Connect to the downstream connection's original destination (or a header).
-    OriginalDst { http_header_name: Option<String> },
+    OriginalDst {
+        http_header_name: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -1008,7 +1037,10 @@ pub struct Endpoint {
 pub enum EndpointAddress {
     Socket(SocketAddr),
     /// A DNS name, resolved by STRICT_DNS/LOGICAL_DNS clusters.
-    Dns { host: String, port: u16 },
+    Dns {
+        host: String,
+        port: u16,
+    },
     /// `envoy_internal_address.server_listener_name` (qualified).
     Internal(String),
 }
@@ -1036,7 +1068,10 @@ pub enum EndpointHealth {
 
 impl EndpointHealth {
     pub fn is_usable(self) -> bool {
-        matches!(self, EndpointHealth::Unknown | EndpointHealth::Healthy | EndpointHealth::Degraded)
+        matches!(
+            self,
+            EndpointHealth::Unknown | EndpointHealth::Healthy | EndpointHealth::Degraded
+        )
     }
 }
 
@@ -1044,10 +1079,17 @@ impl EndpointHealth {
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
     RoundRobin,
-    LeastRequest { choice_count: u32 },
+    LeastRequest {
+        choice_count: u32,
+    },
     Random,
-    RingHash { minimum_ring_size: u64, maximum_ring_size: u64 },
-    Maglev { table_size: u64 },
+    RingHash {
+        minimum_ring_size: u64,
+        maximum_ring_size: u64,
+    },
+    Maglev {
+        table_size: u64,
+    },
     ClusterProvided,
 }
 
@@ -1091,7 +1133,9 @@ pub enum UpstreamProtocol {
     Http2,
     /// Same protocol as the downstream request (`use_downstream_protocol_config`); `h2` says
     /// whether h2 is allowed at all (an absent `http2_protocol_options` means h1 only).
-    UseDownstream { h2: bool },
+    UseDownstream {
+        h2: bool,
+    },
     /// `auto_config`: ALPN with TLS, else HTTP/1.1.
     Auto,
 }
@@ -1190,7 +1234,10 @@ pub enum ValidationRef {
     Inline(ValidationContext),
     Sds(String),
     /// `combined_validation_context`: the SDS secret's CA plus inline matchers.
-    Combined { default: ValidationContext, sds: String },
+    Combined {
+        default: ValidationContext,
+        sds: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

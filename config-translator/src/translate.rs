@@ -93,16 +93,28 @@ pub fn translate(docs: &[Document], opts: &Options) -> Translation {
     let mut substituted: Vec<Document> = Vec::with_capacity(docs.len());
     for doc in docs {
         let name = match doc.kind() {
-            k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => scope_of(doc, k).source_name(),
+            k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => {
+                scope_of(doc, k).source_name()
+            }
             _ => {
                 substituted.push(doc.clone());
                 continue;
             }
         };
-        let rejected = first.snapshot.sources.iter().any(|s| s.name == name && matches!(s.state, SourceState::Rejected { .. }));
+        let rejected = first
+            .snapshot
+            .sources
+            .iter()
+            .any(|s| s.name == name && matches!(s.state, SourceState::Rejected { .. }));
         match opts.last_good.get(&name) {
             Some(prev) if rejected && prev != doc && !fallbacks.contains_key(&name) => {
-                let errors = first.snapshot.diagnostics.iter().filter(|d| d.source == name).cloned().collect();
+                let errors = first
+                    .snapshot
+                    .diagnostics
+                    .iter()
+                    .filter(|d| d.source == name)
+                    .cloned()
+                    .collect();
                 fallbacks.insert(name, errors);
                 substituted.push(prev.clone());
             }
@@ -117,7 +129,11 @@ pub fn translate(docs: &[Document], opts: &Options) -> Translation {
 
 /// One translation of a fixed set of documents. `fallbacks` names CECs that are being served
 /// from their previous version, with the diagnostics of the rejected new version.
-fn pass(docs: &[Document], opts: &Options, fallbacks: &BTreeMap<String, Vec<Diagnostic>>) -> Translation {
+fn pass(
+    docs: &[Document],
+    opts: &Options,
+    fallbacks: &BTreeMap<String, Vec<Diagnostic>>,
+) -> Translation {
     let mut diags: Vec<Diagnostic> = Vec::new();
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
     let mut slices: Vec<EndpointSlice> = Vec::new();
@@ -137,7 +153,10 @@ fn pass(docs: &[Document], opts: &Options, fallbacks: &BTreeMap<String, Vec<Diag
                 let mut sink = Sink::new(format!("EndpointSlice {}", doc_key(doc)));
                 if let Some(s) = k8s::decode::<EndpointSlice>(&mut sink, &doc.value) {
                     if s.service_key().is_none() {
-                        sink.warning("metadata.labels", "EndpointSlice without the kubernetes.io/service-name label is ignored");
+                        sink.warning(
+                            "metadata.labels",
+                            "EndpointSlice without the kubernetes.io/service-name label is ignored",
+                        );
                     }
                     slices.push(s);
                 }
@@ -152,7 +171,9 @@ fn pass(docs: &[Document], opts: &Options, fallbacks: &BTreeMap<String, Vec<Diag
                 }
                 diags.extend(sink.items);
             }
-            k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => cec_docs.push((doc, k)),
+            k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => {
+                cec_docs.push((doc, k))
+            }
             DocKind::Other => {}
         }
     }
@@ -165,18 +186,28 @@ fn pass(docs: &[Document], opts: &Options, fallbacks: &BTreeMap<String, Vec<Diag
         let scope = scope_of(doc, kind);
         let name = scope.source_name();
         if let Some(first) = seen.get(&name) {
-            diags.push(Diagnostic::error(&name, "metadata.name", format!("{name} is defined twice ({first} and {}); the second is ignored", doc.origin)));
+            diags.push(Diagnostic::error(
+                &name,
+                "metadata.name",
+                format!(
+                    "{name} is defined twice ({first} and {}); the second is ignored",
+                    doc.origin
+                ),
+            ));
             continue;
         }
         seen.insert(name.clone(), doc.origin.clone());
         let mut cec = decode_cec(doc, kind, &scope);
         if !doc.has_explicit_kind() {
-            cec.sink.warning("", "document has no apiVersion/kind; read as a CiliumEnvoyConfig");
+            cec.sink.warning(
+                "",
+                "document has no apiVersion/kind; read as a CiliumEnvoyConfig",
+            );
         }
         if let Some(labels) = &opts.node_labels
             && !node_selected(&doc.value, labels, &mut cec.sink)
         {
-            diags.extend(cec.sink.items.drain(..));
+            diags.append(&mut cec.sink.items);
             sources.push(report(&cec, SourceState::NotSelected));
             continue;
         }
@@ -196,12 +227,26 @@ fn pass(docs: &[Document], opts: &Options, fallbacks: &BTreeMap<String, Vec<Diag
         }
     }
 
-    assemble(cecs, sources, diags, services, slices, k8s_secrets, admin_cluster, opts, fallbacks)
+    assemble(
+        cecs,
+        sources,
+        diags,
+        services,
+        slices,
+        k8s_secrets,
+        admin_cluster,
+        opts,
+        fallbacks,
+    )
 }
 
 fn doc_key(doc: &Document) -> String {
     let ns = doc.namespace();
-    if ns.is_empty() { doc.name().to_string() } else { format!("{ns}/{}", doc.name()) }
+    if ns.is_empty() {
+        doc.name().to_string()
+    } else {
+        format!("{ns}/{}", doc.name())
+    }
 }
 
 fn scope_of(doc: &Document, kind: DocKind) -> Scope {
@@ -209,10 +254,17 @@ fn scope_of(doc: &Document, kind: DocKind) -> Scope {
         DocKind::CiliumClusterwideEnvoyConfig => String::new(),
         _ => {
             let ns = doc.namespace();
-            if ns.is_empty() { "default".to_string() } else { ns.to_string() }
+            if ns.is_empty() {
+                "default".to_string()
+            } else {
+                ns.to_string()
+            }
         }
     };
-    Scope { namespace, name: doc.name().to_string() }
+    Scope {
+        namespace,
+        name: doc.name().to_string(),
+    }
 }
 
 fn report(cec: &Cec, state: SourceState) -> SourceReport {
@@ -221,7 +273,11 @@ fn report(cec: &Cec, state: SourceState) -> SourceReport {
         name: cec.name.clone(),
         origin: cec.origin.clone(),
         state,
-        listeners: cec.listeners.iter().map(|l| l.listener.name.clone()).collect(),
+        listeners: cec
+            .listeners
+            .iter()
+            .map(|l| l.listener.name.clone())
+            .collect(),
         route_configs: cec.route_configs.iter().map(|r| r.name.clone()).collect(),
         clusters: cec.clusters.iter().map(|c| c.name.clone()).collect(),
         secrets: cec.secrets.iter().map(|(n, _)| n.clone()).collect(),
@@ -230,7 +286,9 @@ fn report(cec: &Cec, state: SourceState) -> SourceReport {
 
 /// `spec.nodeSelector` against this node's labels (matchLabels and matchExpressions).
 fn node_selected(v: &Value, labels: &BTreeMap<String, String>, sink: &mut Sink) -> bool {
-    let Some(sel) = v.pointer("/spec/nodeSelector") else { return true };
+    let Some(sel) = v.pointer("/spec/nodeSelector") else {
+        return true;
+    };
     if sel.is_null() {
         return true;
     }
@@ -245,7 +303,11 @@ fn node_selected(v: &Value, labels: &BTreeMap<String, String>, sink: &mut Sink) 
         for (i, e) in exprs.iter().enumerate() {
             let key = e.get("key").and_then(Value::as_str).unwrap_or("");
             let op = e.get("operator").and_then(Value::as_str).unwrap_or("");
-            let values: Vec<&str> = e.get("values").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+            let values: Vec<&str> = e
+                .get("values")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
             let have = labels.get(key).map(String::as_str);
             let ok = match op {
                 "In" => have.is_some_and(|h| values.contains(&h)),
@@ -253,7 +315,10 @@ fn node_selected(v: &Value, labels: &BTreeMap<String, String>, sink: &mut Sink) 
                 "Exists" => have.is_some(),
                 "DoesNotExist" => have.is_none(),
                 other => {
-                    sink.warning(&format!("spec.nodeSelector.matchExpressions[{i}].operator"), format!("invalid operator {other:?}: the CEC is skipped, as Cilium does"));
+                    sink.warning(
+                        &format!("spec.nodeSelector.matchExpressions[{i}].operator"),
+                        format!("invalid operator {other:?}: the CEC is skipped, as Cilium does"),
+                    );
                     false
                 }
             };
@@ -276,7 +341,11 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
     let mut sink = Sink::new(source.clone());
     let mut out = Cec {
         name: source.clone(),
-        kind: if kind == DocKind::CiliumClusterwideEnvoyConfig { SourceKind::CiliumClusterwideEnvoyConfig } else { SourceKind::CiliumEnvoyConfig },
+        kind: if kind == DocKind::CiliumClusterwideEnvoyConfig {
+            SourceKind::CiliumClusterwideEnvoyConfig
+        } else {
+            SourceKind::CiliumEnvoyConfig
+        },
         origin: doc.origin.clone(),
         doc: doc.clone(),
         listeners: Vec::new(),
@@ -297,18 +366,30 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         && api != "cilium.io/v2"
         && api != "cilium.io/v2alpha1"
     {
-        sink.error("apiVersion", format!("unsupported apiVersion {api:?} (cilium.io/v2 or cilium.io/v2alpha1)"));
+        sink.error(
+            "apiVersion",
+            format!("unsupported apiVersion {api:?} (cilium.io/v2 or cilium.io/v2alpha1)"),
+        );
     }
     let Some(spec_v) = doc.value.get("spec") else {
         sink.error("spec", "missing spec");
         out.sink = sink;
         return out;
     };
-    let Some(spec) = Msg::new(&mut sink, "CiliumEnvoyConfigSpec", Path::root("spec"), spec_v) else {
+    let Some(spec) = Msg::new(
+        &mut sink,
+        "CiliumEnvoyConfigSpec",
+        Path::root("spec"),
+        spec_v,
+    ) else {
         out.sink = sink;
         return out;
     };
-    let mut cx = Cx { sink: &mut sink, scope, refs: Refs::default() };
+    let mut cx = Cx {
+        sink: &mut sink,
+        scope,
+        refs: Refs::default(),
+    };
 
     // spec.services: redirected Services. In a CEC the namespace is the CEC's own
     // (Cilium's documented behaviour); in a CCEC it defaults to "default".
@@ -316,35 +397,58 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         let path = s.path.to_string();
         let name = s.str(cx.sink, "name").unwrap_or_default();
         let ns_given = s.str(cx.sink, "namespace");
-        let ns = if scope.namespace.is_empty() { ns_given.unwrap_or_else(|| "default".into()) } else { scope.namespace.clone() };
+        let ns = if scope.namespace.is_empty() {
+            ns_given.unwrap_or_else(|| "default".into())
+        } else {
+            scope.namespace.clone()
+        };
         let mut ports = Vec::new();
         for (v, p) in s.list(cx.sink, "ports") {
             match crate::json::parse_u64(cx.sink, &p, v) {
                 Some(n @ 1..=65535) => ports.push(n as u16),
-                Some(n) => cx.sink.error(p.as_str(), format!("port {n} is out of range")),
+                Some(n) => cx
+                    .sink
+                    .error(p.as_str(), format!("port {n} is out of range")),
                 None => {}
             }
         }
-        let listener = s.str(cx.sink, "listener").filter(|l| !l.is_empty()).map(|l| scope.qualify_forced(&l));
+        let listener = s
+            .str(cx.sink, "listener")
+            .filter(|l| !l.is_empty())
+            .map(|l| scope.qualify_forced(&l));
         s.skip("cec");
         s.finish(cx.sink);
         if name.is_empty() {
             cx.sink.error(&path, "service without a name");
             continue;
         }
-        out.services.push((format!("{ns}/{name}"), ports, listener, path));
+        out.services
+            .push((format!("{ns}/{name}"), ports, listener, path));
     }
     for s in spec.msgs(cx.sink, "backend_services", "Service") {
         let name = s.str(cx.sink, "name").unwrap_or_default();
-        let ns = s.str(cx.sink, "namespace").filter(|n| !n.is_empty()).unwrap_or_else(|| {
-            if scope.namespace.is_empty() { "default".into() } else { scope.namespace.clone() }
-        });
+        let ns = s
+            .str(cx.sink, "namespace")
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| {
+                if scope.namespace.is_empty() {
+                    "default".into()
+                } else {
+                    scope.namespace.clone()
+                }
+            });
         let mut filter = Vec::new();
         for (v, p) in s.list(cx.sink, "number") {
             match v {
                 Value::String(x) => filter.push(x.clone()),
                 Value::Number(n) => filter.push(n.to_string()),
-                other => cx.sink.error(p.as_str(), format!("expected a port name or number, found {}", crate::json::kind(other))),
+                other => cx.sink.error(
+                    p.as_str(),
+                    format!(
+                        "expected a port name or number, found {}",
+                        crate::json::kind(other)
+                    ),
+                ),
             }
         }
         let path = s.path.to_string();
@@ -356,25 +460,40 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         out.backend_services.push((format!("{ns}/{name}"), filter));
     }
     spec.skip("node_selector");
-    spec.ignore(cx.sink, "version_info", "not part of the CiliumEnvoyConfig schema");
+    spec.ignore(
+        cx.sink,
+        "version_info",
+        "not part of the CiliumEnvoyConfig schema",
+    );
 
     let resources = spec.list(cx.sink, "resources");
     let mut names: HashMap<(&'static str, String), String> = HashMap::new();
     for (v, path) in resources {
-        let Some((ty, val, vpath)) = any(cx.sink, &path, v) else { continue };
+        let Some((ty, val, vpath)) = any(cx.sink, &path, v) else {
+            continue;
+        };
         let (kind, name) = match ty.as_str() {
             LISTENER => {
-                let Some(m) = Msg::new(cx.sink, "Listener", vpath, val) else { continue };
-                let Some(l) = listener(&mut cx, m, &source) else { continue };
+                let Some(m) = Msg::new(cx.sink, "Listener", vpath, val) else {
+                    continue;
+                };
+                let Some(l) = listener(&mut cx, m, &source) else {
+                    continue;
+                };
                 let n = l.listener.name.clone();
                 out.listeners.push(l);
                 ("listener", n)
             }
             ROUTE => {
-                let Some(m) = Msg::new(cx.sink, "RouteConfiguration", vpath, val) else { continue };
-                let Some(r) = route_configuration(&mut cx, m, &source) else { continue };
+                let Some(m) = Msg::new(cx.sink, "RouteConfiguration", vpath, val) else {
+                    continue;
+                };
+                let Some(r) = route_configuration(&mut cx, m, &source) else {
+                    continue;
+                };
                 if r.name.is_empty() {
-                    cx.sink.error(path.as_str(), "route configuration without a name");
+                    cx.sink
+                        .error(path.as_str(), "route configuration without a name");
                     continue;
                 }
                 let n = r.name.clone();
@@ -382,25 +501,38 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
                 ("route configuration", n)
             }
             CLUSTER => {
-                let Some(m) = Msg::new(cx.sink, "Cluster", vpath, val) else { continue };
-                let Some(c) = cluster(&mut cx, m, &source) else { continue };
+                let Some(m) = Msg::new(cx.sink, "Cluster", vpath, val) else {
+                    continue;
+                };
+                let Some(c) = cluster(&mut cx, m, &source) else {
+                    continue;
+                };
                 let n = c.name.clone();
                 out.clusters.push(c);
                 ("cluster", n)
             }
             CLA => {
-                let Some(m) = Msg::new(cx.sink, "ClusterLoadAssignment", vpath, val) else { continue };
+                let Some(m) = Msg::new(cx.sink, "ClusterLoadAssignment", vpath, val) else {
+                    continue;
+                };
                 let (n, eps) = load_assignment(&mut cx, m, false);
                 if n.is_empty() {
-                    cx.sink.error(path.as_str(), "ClusterLoadAssignment without a cluster_name");
+                    cx.sink.error(
+                        path.as_str(),
+                        "ClusterLoadAssignment without a cluster_name",
+                    );
                     continue;
                 }
                 out.load_assignments.push((n.clone(), eps));
                 ("endpoint assignment", n)
             }
             SECRET => {
-                let Some(m) = Msg::new(cx.sink, "Secret", vpath, val) else { continue };
-                let Some((n, s)) = secret(&mut cx, m) else { continue };
+                let Some(m) = Msg::new(cx.sink, "Secret", vpath, val) else {
+                    continue;
+                };
+                let Some((n, s)) = secret(&mut cx, m) else {
+                    continue;
+                };
                 out.secrets.push((n.clone(), s));
                 ("secret", n)
             }
@@ -410,7 +542,10 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
             }
         };
         if let Some(prev) = names.insert((kind, name.clone()), path.to_string()) {
-            cx.sink.error(path.as_str(), format!("duplicate {kind} name {name:?} (also at {prev})"));
+            cx.sink.error(
+                path.as_str(),
+                format!("duplicate {kind} name {name:?} (also at {prev})"),
+            );
         }
         out.raw.insert(format!("{kind}:{name}"), v.clone());
     }
@@ -419,7 +554,11 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
 
     // An internal listener reference must name an internal listener of this CEC.
     for (l, p) in &out.refs.internal_listeners {
-        if !out.listeners.iter().any(|d| &d.listener.name == l && d.listener.internal) {
+        if !out
+            .listeners
+            .iter()
+            .any(|d| &d.listener.name == l && d.listener.internal)
+        {
             sink.error(p, format!("{l:?} is not an internal listener of this CEC"));
         }
     }
@@ -428,7 +567,12 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         if let Some(l) = l
             && !out.listeners.iter().any(|d| &d.listener.name == l)
         {
-            sink.warning(&format!("{p}.listener"), format!("listener {l:?} is not defined in this CEC; Service {svc} is not redirected"));
+            sink.warning(
+                &format!("{p}.listener"),
+                format!(
+                    "listener {l:?} is not defined in this CEC; Service {svc} is not redirected"
+                ),
+            );
         }
     }
     out.sink = sink;
@@ -450,7 +594,11 @@ fn check_conflicts(cecs: &mut [Cec]) {
         for (key, raw) in keys {
             if let Some((j, other)) = owners.get(key) {
                 if other != raw {
-                    errs.push(format!("{} is also defined, differently, by {}", key.replacen(':', " ", 1), cecs[*j].name));
+                    errs.push(format!(
+                        "{} is also defined, differently, by {}",
+                        key.replacen(':', " ", 1),
+                        cecs[*j].name
+                    ));
                 }
             } else {
                 owners.insert(key.clone(), (i, raw.clone()));
@@ -460,7 +608,10 @@ fn check_conflicts(cecs: &mut [Cec]) {
             for a in &l.listener.addresses {
                 if let Some((j, name)) = addr_owner.get(a) {
                     if *j != i || name != &l.listener.name {
-                        errs.push(format!("listener {} binds {a}, which listener {name} of {} already binds", l.listener.name, cecs[*j].name));
+                        errs.push(format!(
+                            "listener {} binds {a}, which listener {name} of {} already binds",
+                            l.listener.name, cecs[*j].name
+                        ));
                     }
                 } else {
                     addr_owner.insert(*a, (i, l.listener.name.clone()));
@@ -498,7 +649,11 @@ fn check_references(cecs: &mut [Cec], k8s_secrets: &BTreeMap<String, Secret>, ad
                 let msg = if BOOTSTRAP_CLUSTERS.contains(&bare) {
                     format!(
                         "undefined cluster {c:?}: {bare:?} names a bootstrap cluster of cilium-envoy, but bare names are qualified to the CEC; write \"/{bare}\"{}",
-                        if bare == "envoy-admin" { "" } else { " (only /envoy-admin exists in Sluice)" }
+                        if bare == "envoy-admin" {
+                            ""
+                        } else {
+                            " (only /envoy-admin exists in Sluice)"
+                        }
                     )
                 } else {
                     format!("undefined cluster {c:?}: no accepted CEC defines it")
@@ -508,7 +663,10 @@ fn check_references(cecs: &mut [Cec], k8s_secrets: &BTreeMap<String, Secret>, ad
         }
         for (s, p) in &cec.refs.secrets {
             if !secrets.contains(s) {
-                warns.push((p.clone(), format!("secret {s:?} is not known yet; TLS using it fails until it arrives")));
+                warns.push((
+                    p.clone(),
+                    format!("secret {s:?} is not known yet; TLS using it fails until it arrives"),
+                ));
             }
         }
         for (p, m) in errs {
@@ -526,7 +684,14 @@ pub const ADMIN_CLUSTER: &str = "/envoy-admin";
 
 /// Static clusters of cilium-envoy's bootstrap, which old examples name without the
 /// leading slash.
-const BOOTSTRAP_CLUSTERS: &[&str] = &["envoy-admin", "ingress-cluster", "egress-cluster", "ingress-cluster-tls", "egress-cluster-tls", "xds-grpc-cilium"];
+const BOOTSTRAP_CLUSTERS: &[&str] = &[
+    "envoy-admin",
+    "ingress-cluster",
+    "egress-cluster",
+    "ingress-cluster-tls",
+    "egress-cluster-tls",
+    "xds-grpc-cilium",
+];
 
 /// The static cluster behind Cilium's `/envoy-admin` (the proxy's own admin API).
 fn admin_cluster(addr: SocketAddr) -> Cluster {
@@ -536,7 +701,13 @@ fn admin_cluster(addr: SocketAddr) -> Cluster {
         discovery: Discovery::Static,
         connect_timeout: std::time::Duration::from_secs(1),
         lb_policy: LbPolicy::RoundRobin,
-        endpoints: vec![Endpoint { address: EndpointAddress::Socket(addr), weight: 1, health: EndpointHealth::Healthy, priority: 0, hostname: None }],
+        endpoints: vec![Endpoint {
+            address: EndpointAddress::Socket(addr),
+            weight: 1,
+            health: EndpointHealth::Healthy,
+            priority: 0,
+            hostname: None,
+        }],
         circuit_breakers: crate::decode::cluster::default_circuit_breakers(),
         outlier_detection: None,
         protocol: UpstreamProtocol::Http1,
@@ -554,7 +725,12 @@ fn admin_cluster(addr: SocketAddr) -> Cluster {
 }
 
 /// Cilium's stable port allocation: hash the qualified name into the range, then probe.
-fn allocate_port(name: &str, range: (u16, u16), used: &BTreeSet<u16>, previous: &BTreeMap<String, u16>) -> Option<u16> {
+fn allocate_port(
+    name: &str,
+    range: (u16, u16),
+    used: &BTreeSet<u16>,
+    previous: &BTreeMap<String, u16>,
+) -> Option<u16> {
     let (lo, hi) = (range.0.min(range.1), range.0.max(range.1));
     if let Some(&p) = previous.get(name)
         && (lo..=hi).contains(&p)
@@ -569,7 +745,9 @@ fn allocate_port(name: &str, range: (u16, u16), used: &BTreeSet<u16>, previous: 
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    (0..span).map(|i| lo + ((h.wrapping_add(i)) % span) as u16).find(|p| !used.contains(p))
+    (0..span)
+        .map(|i| lo + ((h.wrapping_add(i)) % span) as u16)
+        .find(|p| !used.contains(p))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -591,12 +769,23 @@ fn assemble(
         items
             .iter()
             .find(|d| d.is_error())
-            .map(|d| if d.path.is_empty() { d.message.clone() } else { format!("{}: {}", d.path, d.message) })
+            .map(|d| {
+                if d.path.is_empty() {
+                    d.message.clone()
+                } else {
+                    format!("{}: {}", d.path, d.message)
+                }
+            })
             .unwrap_or_default()
     };
     for cec in cecs {
         if cec.rejected() {
-            sources.push(report(&cec, SourceState::Rejected { reason: reason_of(&cec.sink.items) }));
+            sources.push(report(
+                &cec,
+                SourceState::Rejected {
+                    reason: reason_of(&cec.sink.items),
+                },
+            ));
             if let Some(new_errors) = fallbacks.get(&cec.name) {
                 diags.extend(new_errors.iter().cloned());
             }
@@ -605,9 +794,18 @@ fn assemble(
         }
         match fallbacks.get(&cec.name) {
             Some(new_errors) => {
-                sources.push(report(&cec, SourceState::PreviousVersion { reason: reason_of(new_errors) }));
+                sources.push(report(
+                    &cec,
+                    SourceState::PreviousVersion {
+                        reason: reason_of(new_errors),
+                    },
+                ));
                 diags.extend(new_errors.iter().cloned());
-                diags.push(Diagnostic::warning(cec.name.clone(), "", "the new version is rejected; the previous version keeps serving"));
+                diags.push(Diagnostic::warning(
+                    cec.name.clone(),
+                    "",
+                    "the new version is rejected; the previous version keeps serving",
+                ));
             }
             None => sources.push(report(&cec, SourceState::Accepted)),
         }
@@ -619,10 +817,16 @@ fn assemble(
     let mut referenced: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for cec in &accepted {
         for (svc, ports, _, _) in &cec.services {
-            referenced.entry(svc.clone()).or_default().extend(ports.iter().map(u16::to_string));
+            referenced
+                .entry(svc.clone())
+                .or_default()
+                .extend(ports.iter().map(u16::to_string));
         }
         for (svc, filter) in &cec.backend_services {
-            referenced.entry(svc.clone()).or_default().extend(filter.iter().cloned());
+            referenced
+                .entry(svc.clone())
+                .or_default()
+                .extend(filter.iter().cloned());
         }
     }
     let mut eds = k8s::load_assignments(&referenced, &services, &slices);
@@ -633,14 +837,23 @@ fn assemble(
     }
 
     // Listener ports.
-    let mut used: BTreeSet<u16> = accepted.iter().flat_map(|c| c.listeners.iter()).flat_map(|l| l.listener.addresses.iter().map(SocketAddr::port)).collect();
+    let mut used: BTreeSet<u16> = accepted
+        .iter()
+        .flat_map(|c| c.listeners.iter())
+        .flat_map(|l| l.listener.addresses.iter().map(SocketAddr::port))
+        .collect();
     let mut listener_names: Vec<(usize, usize)> = Vec::new();
     for (ci, cec) in accepted.iter().enumerate() {
         for li in 0..cec.listeners.len() {
             listener_names.push((ci, li));
         }
     }
-    listener_names.sort_by(|a, b| accepted[a.0].listeners[a.1].listener.name.cmp(&accepted[b.0].listeners[b.1].listener.name));
+    listener_names.sort_by(|a, b| {
+        accepted[a.0].listeners[a.1]
+            .listener
+            .name
+            .cmp(&accepted[b.0].listeners[b.1].listener.name)
+    });
     for (ci, li) in listener_names {
         let l = &mut accepted[ci].listeners[li].listener;
         if !l.addresses.is_empty() || l.internal {
@@ -649,13 +862,22 @@ fn assemble(
         match allocate_port(&l.name, opts.port_range, &used, &opts.previous_ports) {
             Some(p) => {
                 used.insert(p);
-                l.addresses.push(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p));
+                l.addresses
+                    .push(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p));
                 if opts.ipv6 {
-                    l.addresses.push(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), p));
+                    l.addresses
+                        .push(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), p));
                 }
                 l.port_allocated = true;
             }
-            None => diags.push(Diagnostic::error(l.source.clone(), "", format!("no free port in {}-{} for listener {}", opts.port_range.0, opts.port_range.1, l.name))),
+            None => diags.push(Diagnostic::error(
+                l.source.clone(),
+                "",
+                format!(
+                    "no free port in {}-{} for listener {}",
+                    opts.port_range.0, opts.port_range.1, l.name
+                ),
+            )),
         }
     }
 
@@ -665,10 +887,19 @@ fn assemble(
         for (svc, ports, listener, _) in &cec.services {
             let target = match listener {
                 Some(l) => cec.listeners.iter().find(|d| &d.listener.name == l),
-                None => cec.listeners.iter().filter(|d| d.listener.port().is_some()).min_by(|a, b| a.listener.name.cmp(&b.listener.name)),
+                None => cec
+                    .listeners
+                    .iter()
+                    .filter(|d| d.listener.port().is_some())
+                    .min_by(|a, b| a.listener.name.cmp(&b.listener.name)),
             };
             let Some(t) = target.and_then(|t| t.listener.port().map(|p| (t, p))) else {
-                cec.sink_warning(&mut diags, format!("service {svc} is not redirected: this CEC has no listener with a port"));
+                cec.sink_warning(
+                    &mut diags,
+                    format!(
+                        "service {svc} is not redirected: this CEC has no listener with a port"
+                    ),
+                );
                 continue;
             };
             let frontends = services
@@ -677,7 +908,9 @@ fn assemble(
                     let mut f = Vec::new();
                     for ip in s.cluster_ips() {
                         for sp in &s.spec.ports {
-                            if sp.protocol.as_deref().unwrap_or("TCP") == "TCP" && (ports.is_empty() || ports.contains(&sp.port)) {
+                            if sp.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                                && (ports.is_empty() || ports.contains(&sp.port))
+                            {
                                 f.push(SocketAddr::new(ip, sp.port));
                             }
                         }
@@ -709,14 +942,20 @@ fn assemble(
                     None => {
                         let svc = service_name.split(':').next().unwrap_or(service_name);
                         let msg = if referenced.contains_key(svc) {
-                            format!("cluster {}: no endpoints for EDS name {service_name:?} yet (Service or EndpointSlices not seen)", c.name)
+                            format!(
+                                "cluster {}: no endpoints for EDS name {service_name:?} yet (Service or EndpointSlices not seen)",
+                                c.name
+                            )
                         } else if service_name.matches('/').count() == 1 {
                             format!(
                                 "cluster {}: EDS name {service_name:?} refers to Service {svc}, which no CEC lists in spec.services or spec.backendServices, so it gets no endpoints",
                                 c.name
                             )
                         } else {
-                            format!("cluster {}: no ClusterLoadAssignment named {service_name:?}", c.name)
+                            format!(
+                                "cluster {}: no ClusterLoadAssignment named {service_name:?}",
+                                c.name
+                            )
                         };
                         diags.push(Diagnostic::warning(cec.name.clone(), "", msg));
                     }
@@ -737,7 +976,11 @@ fn assemble(
     for cec in &mut accepted {
         for d in std::mem::take(&mut cec.listeners) {
             let mut l = d.listener;
-            for chain in l.filter_chains.iter_mut().chain(l.default_filter_chain.iter_mut()) {
+            for chain in l
+                .filter_chains
+                .iter_mut()
+                .chain(l.default_filter_chain.iter_mut())
+            {
                 if let NetworkFilter::HttpConnectionManager(hcm) = &mut chain.filter
                     && hcm.route_config.is_none()
                 {
@@ -772,7 +1015,10 @@ fn assemble(
     sources.sort_by(|a, b| a.name.cmp(&b.name));
     snapshot.sources = sources;
     snapshot.diagnostics = diags;
-    Translation { snapshot, accepted: accepted_docs }
+    Translation {
+        snapshot,
+        accepted: accepted_docs,
+    }
 }
 
 impl Cec {
