@@ -32,30 +32,12 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn error(
-        source: impl Into<String>,
-        path: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Diagnostic {
-            severity: Severity::Error,
-            source: source.into(),
-            path: path.into(),
-            message: message.into(),
-        }
+    pub fn error(source: impl Into<String>, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Diagnostic { severity: Severity::Error, source: source.into(), path: path.into(), message: message.into() }
     }
 
-    pub fn warning(
-        source: impl Into<String>,
-        path: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        Diagnostic {
-            severity: Severity::Warning,
-            source: source.into(),
-            path: path.into(),
-            message: message.into(),
-        }
+    pub fn warning(source: impl Into<String>, path: impl Into<String>, message: impl Into<String>) -> Self {
+        Diagnostic { severity: Severity::Warning, source: source.into(), path: path.into(), message: message.into() }
     }
 
     pub fn is_error(&self) -> bool {
@@ -88,20 +70,15 @@ pub struct Sink {
 
 impl Sink {
     pub fn new(source: impl Into<String>) -> Self {
-        Sink {
-            source: source.into(),
-            items: Vec::new(),
-        }
+        Sink { source: source.into(), items: Vec::new() }
     }
 
     pub fn error(&mut self, path: &str, message: impl Into<String>) {
-        self.items
-            .push(Diagnostic::error(self.source.clone(), path, message));
+        self.items.push(Diagnostic::error(self.source.clone(), path, message));
     }
 
     pub fn warning(&mut self, path: &str, message: impl Into<String>) {
-        self.items
-            .push(Diagnostic::warning(self.source.clone(), path, message));
+        self.items.push(Diagnostic::warning(self.source.clone(), path, message));
     }
 
     pub fn has_errors(&self) -> bool {

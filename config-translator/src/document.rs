@@ -31,11 +31,7 @@ pub enum DocKind {
 impl Document {
     pub fn kind(&self) -> DocKind {
         let kind = self.value.get("kind").and_then(Value::as_str);
-        let api = self
-            .value
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let api = self.value.get("apiVersion").and_then(Value::as_str).unwrap_or("");
         match kind {
             Some("CiliumEnvoyConfig") => DocKind::CiliumEnvoyConfig,
             Some("CiliumClusterwideEnvoyConfig") => DocKind::CiliumClusterwideEnvoyConfig,
@@ -54,17 +50,11 @@ impl Document {
     }
 
     pub fn namespace(&self) -> &str {
-        self.value
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        self.value.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("")
     }
 
     pub fn name(&self) -> &str {
-        self.value
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        self.value.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
     }
 }
 
@@ -77,15 +67,7 @@ pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, Diagno
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let v: Value = serde_json::from_str(text).map_err(|e| {
-            Diagnostic::error(
-                origin,
-                "",
-                format!(
-                    "invalid JSON at line {} column {}: {e}",
-                    e.line(),
-                    e.column()
-                ),
-            )
+            Diagnostic::error(origin, "", format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
         })?;
         match v {
             Value::Array(items) => values.extend(items),
@@ -94,15 +76,9 @@ pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, Diagno
     } else {
         for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
             let v = Value::deserialize(de).map_err(|e| {
-                let at = e
-                    .location()
-                    .map(|l| format!(" at line {} column {}", l.line(), l.column()))
-                    .unwrap_or_default();
-                Diagnostic::error(
-                    origin,
-                    "",
-                    format!("invalid YAML in document {}{at}: {e}", i + 1),
-                )
+                let at =
+                    e.location().map(|l| format!(" at line {} column {}", l.line(), l.column())).unwrap_or_default();
+                Diagnostic::error(origin, "", format!("invalid YAML in document {}{at}: {e}", i + 1))
             })?;
             values.push(v);
         }
@@ -115,12 +91,7 @@ pub fn parse_documents(origin: &str, text: &str) -> Result<Vec<Document>, Diagno
     Ok(docs)
 }
 
-fn flatten(
-    origin: &str,
-    v: Value,
-    n: &mut usize,
-    out: &mut Vec<Document>,
-) -> Result<(), Diagnostic> {
+fn flatten(origin: &str, v: Value, n: &mut usize, out: &mut Vec<Document>) -> Result<(), Diagnostic> {
     match v {
         Value::Null => Ok(()),
         Value::Object(ref o) if o.get("kind").and_then(Value::as_str) == Some("List") => {
@@ -133,19 +104,13 @@ fn flatten(
         }
         Value::Object(_) => {
             *n += 1;
-            out.push(Document {
-                origin: format!("{origin}#{n}"),
-                value: v,
-            });
+            out.push(Document { origin: format!("{origin}#{n}"), value: v });
             Ok(())
         }
         other => Err(Diagnostic::error(
             format!("{origin}#{}", *n + 1),
             "",
-            format!(
-                "expected a Kubernetes object, found {}",
-                crate::json::kind(&other)
-            ),
+            format!("expected a Kubernetes object, found {}", crate::json::kind(&other)),
         )),
     }
 }

@@ -26,11 +26,7 @@ impl Path {
     }
 
     pub fn field(&self, key: &str) -> Path {
-        if self.0.is_empty() {
-            Path(key.to_string())
-        } else {
-            Path(format!("{}.{key}", self.0))
-        }
+        if self.0.is_empty() { Path(key.to_string()) } else { Path(format!("{}.{key}", self.0)) }
     }
 
     pub fn index(&self, i: usize) -> Path {
@@ -87,10 +83,7 @@ impl<'a> Msg<'a> {
     /// or if a field is spelled twice (`filter_chains` and `filterChains`).
     pub fn new(sink: &mut Sink, ty: &'static str, path: Path, value: &'a Value) -> Option<Msg<'a>> {
         let Some(obj) = value.as_object() else {
-            sink.error(
-                path.as_str(),
-                format!("expected a {ty} object, found {}", kind(value)),
-            );
+            sink.error(path.as_str(), format!("expected a {ty} object, found {}", kind(value)));
             return None;
         };
         let mut fields: Vec<Field<'a>> = Vec::with_capacity(obj.len());
@@ -100,19 +93,11 @@ impl<'a> Msg<'a> {
             if let Some(prev) = fields.iter().find(|f| f.name == name) {
                 sink.error(
                     path.field(key).as_str(),
-                    format!(
-                        "field `{name}` is given twice (as `{}` and `{key}`)",
-                        prev.key
-                    ),
+                    format!("field `{name}` is given twice (as `{}` and `{key}`)", prev.key),
                 );
                 ok = false;
             }
-            fields.push(Field {
-                key,
-                name,
-                value,
-                used: Cell::new(false),
-            });
+            fields.push(Field { key, name, value, used: Cell::new(false) });
         }
         ok.then_some(Msg { ty, path, fields })
     }
@@ -125,9 +110,7 @@ impl<'a> Msg<'a> {
 
     /// Whether the field is present (and not JSON `null`), without consuming it.
     pub fn has(&self, name: &str) -> bool {
-        self.fields
-            .iter()
-            .any(|f| f.name == name && !f.value.is_null())
+        self.fields.iter().any(|f| f.name == name && !f.value.is_null())
     }
 
     /// The raw value of a field, consuming it. `null` counts as absent (proto3 JSON).
@@ -182,10 +165,7 @@ impl<'a> Msg<'a> {
             if !f.used.get() && f.key != "@type" {
                 sink.error(
                     self.path.field(f.key).as_str(),
-                    format!(
-                        "unsupported field `{}` in {} (see docs/SUPPORTED.md)",
-                        f.name, self.ty
-                    ),
+                    format!("unsupported field `{}` in {} (see docs/SUPPORTED.md)", f.name, self.ty),
                 );
             }
         }
@@ -198,10 +178,7 @@ impl<'a> Msg<'a> {
         match v {
             Value::String(s) => Some(s.clone()),
             other => {
-                sink.error(
-                    path.as_str(),
-                    format!("expected a string, found {}", kind(other)),
-                );
+                sink.error(path.as_str(), format!("expected a string, found {}", kind(other)));
                 None
             }
         }
@@ -259,26 +236,16 @@ impl<'a> Msg<'a> {
             return Vec::new();
         };
         match v {
-            Value::Array(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (v, path.index(i)))
-                .collect(),
+            Value::Array(items) => items.iter().enumerate().map(|(i, v)| (v, path.index(i))).collect(),
             other => {
-                sink.error(
-                    path.as_str(),
-                    format!("expected a list, found {}", kind(other)),
-                );
+                sink.error(path.as_str(), format!("expected a list, found {}", kind(other)));
                 Vec::new()
             }
         }
     }
 
     pub fn msgs(&self, sink: &mut Sink, name: &str, ty: &'static str) -> Vec<Msg<'a>> {
-        self.list(sink, name)
-            .into_iter()
-            .filter_map(|(v, p)| Msg::new(sink, ty, p, v))
-            .collect()
+        self.list(sink, name).into_iter().filter_map(|(v, p)| Msg::new(sink, ty, p, v)).collect()
     }
 
     pub fn strs(&self, sink: &mut Sink, name: &str) -> Vec<String> {
@@ -286,22 +253,14 @@ impl<'a> Msg<'a> {
         for (v, path) in self.list(sink, name) {
             match v {
                 Value::String(s) => out.push(s.clone()),
-                other => sink.error(
-                    path.as_str(),
-                    format!("expected a string, found {}", kind(other)),
-                ),
+                other => sink.error(path.as_str(), format!("expected a string, found {}", kind(other))),
             }
         }
         out
     }
 
     /// An enum given by name (or number, as proto3 JSON allows).
-    pub fn enumeration<T: Copy>(
-        &self,
-        sink: &mut Sink,
-        name: &str,
-        values: &[(&str, T)],
-    ) -> Option<T> {
+    pub fn enumeration<T: Copy>(&self, sink: &mut Sink, name: &str, values: &[(&str, T)]) -> Option<T> {
         let (v, path) = self.take(name)?;
         parse_enum(sink, &path, v, values)
     }
@@ -312,11 +271,7 @@ impl<'a> Msg<'a> {
         if set.len() > 1 {
             sink.error(
                 self.path.as_str(),
-                format!(
-                    "only one of {} may be set, found {}",
-                    names.join(", "),
-                    set.join(" and ")
-                ),
+                format!("only one of {} may be set, found {}", names.join(", "), set.join(" and ")),
             );
         }
         set.first().copied()
@@ -333,10 +288,7 @@ impl<'a> Msg<'a> {
 /// (`udpa.type.v1.TypedStruct` / `xds.type.v3.TypedStruct`) to the message it wraps.
 pub fn any<'a>(sink: &mut Sink, path: &Path, v: &'a Value) -> Option<(String, &'a Value, Path)> {
     let Some(obj) = v.as_object() else {
-        sink.error(
-            path.as_str(),
-            format!("expected an object with \"@type\", found {}", kind(v)),
-        );
+        sink.error(path.as_str(), format!("expected an object with \"@type\", found {}", kind(v)));
         return None;
     };
     let Some(t) = obj.get("@type").and_then(Value::as_str) else {
@@ -345,10 +297,7 @@ pub fn any<'a>(sink: &mut Sink, path: &Path, v: &'a Value) -> Option<(String, &'
     };
     let name = t.rsplit('/').next().unwrap_or(t).to_string();
     if name == "udpa.type.v1.TypedStruct" || name == "xds.type.v3.TypedStruct" {
-        let url = obj
-            .get("type_url")
-            .or_else(|| obj.get("typeUrl"))
-            .and_then(Value::as_str);
+        let url = obj.get("type_url").or_else(|| obj.get("typeUrl")).and_then(Value::as_str);
         let Some(url) = url else {
             sink.error(path.as_str(), "TypedStruct without type_url");
             return None;
@@ -363,8 +312,7 @@ pub fn any<'a>(sink: &mut Sink, path: &Path, v: &'a Value) -> Option<(String, &'
     Some((name, v, path.clone()))
 }
 
-static EMPTY_OBJECT: std::sync::LazyLock<Value> =
-    std::sync::LazyLock::new(|| Value::Object(Default::default()));
+static EMPTY_OBJECT: std::sync::LazyLock<Value> = std::sync::LazyLock::new(|| Value::Object(Default::default()));
 
 pub fn kind(v: &Value) -> &'static str {
     match v {
@@ -392,10 +340,7 @@ pub fn parse_bool(sink: &mut Sink, path: &Path, v: &Value) -> Option<bool> {
         Value::String(s) if s == "true" => Some(true),
         Value::String(s) if s == "false" => Some(false),
         other => {
-            sink.error(
-                path.as_str(),
-                format!("expected a boolean, found {}", kind(other)),
-            );
+            sink.error(path.as_str(), format!("expected a boolean, found {}", kind(other)));
             None
         }
     }
@@ -405,19 +350,14 @@ pub fn parse_bool(sink: &mut Sink, path: &Path, v: &Value) -> Option<bool> {
 pub fn parse_u64(sink: &mut Sink, path: &Path, v: &Value) -> Option<u64> {
     let v = unwrap_wrapper(v);
     let parsed = match v {
-        Value::Number(n) => n.as_u64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-                .map(|f| f as u64)
-        }),
+        Value::Number(n) => {
+            n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
+        }
         Value::String(s) => s.trim().parse::<u64>().ok(),
         _ => None,
     };
     if parsed.is_none() {
-        sink.error(
-            path.as_str(),
-            format!("expected a non-negative integer, found {}", describe(v)),
-        );
+        sink.error(path.as_str(), format!("expected a non-negative integer, found {}", describe(v)));
     }
     parsed
 }
@@ -430,10 +370,7 @@ pub fn parse_i64(sink: &mut Sink, path: &Path, v: &Value) -> Option<i64> {
         _ => None,
     };
     if parsed.is_none() {
-        sink.error(
-            path.as_str(),
-            format!("expected an integer, found {}", describe(v)),
-        );
+        sink.error(path.as_str(), format!("expected an integer, found {}", describe(v)));
     }
     parsed
 }
@@ -446,10 +383,7 @@ pub fn parse_f64(sink: &mut Sink, path: &Path, v: &Value) -> Option<f64> {
         _ => None,
     };
     if parsed.is_none() {
-        sink.error(
-            path.as_str(),
-            format!("expected a number, found {}", describe(v)),
-        );
+        sink.error(path.as_str(), format!("expected a number, found {}", describe(v)));
     }
     parsed
 }
@@ -463,13 +397,7 @@ pub fn parse_duration(sink: &mut Sink, path: &Path, v: &Value) -> Option<Duratio
         _ => None,
     };
     if parsed.is_none() {
-        sink.error(
-            path.as_str(),
-            format!(
-                "expected a duration such as \"5s\" or \"0.25s\", found {}",
-                describe(v)
-            ),
-        );
+        sink.error(path.as_str(), format!("expected a duration such as \"5s\" or \"0.25s\", found {}", describe(v)));
     }
     parsed
 }
@@ -483,22 +411,11 @@ pub fn duration_from_str(s: &str) -> Option<Duration> {
         Some((a, b)) => (a, b),
         None => (num, ""),
     };
-    if !secs.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
-        || frac.len() > 9
-    {
+    if !secs.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) || frac.len() > 9 {
         return None;
     }
-    let secs: u64 = if secs.is_empty() {
-        0
-    } else {
-        secs.parse().ok()?
-    };
-    let nanos: u32 = if frac.is_empty() {
-        0
-    } else {
-        format!("{frac:0<9}").parse().ok()?
-    };
+    let secs: u64 = if secs.is_empty() { 0 } else { secs.parse().ok()? };
+    let nanos: u32 = if frac.is_empty() { 0 } else { format!("{frac:0<9}").parse().ok()? };
     // Envoy caps durations at 315,576,000,000 s (10,000 years).
     if secs > 315_576_000_000 {
         return None;
@@ -506,12 +423,7 @@ pub fn duration_from_str(s: &str) -> Option<Duration> {
     Some(Duration::new(secs, nanos))
 }
 
-pub fn parse_enum<T: Copy>(
-    sink: &mut Sink,
-    path: &Path,
-    v: &Value,
-    values: &[(&str, T)],
-) -> Option<T> {
+pub fn parse_enum<T: Copy>(sink: &mut Sink, path: &Path, v: &Value, values: &[(&str, T)]) -> Option<T> {
     match v {
         Value::String(s) => {
             if let Some((_, t)) = values.iter().find(|(n, _)| *n == s) {
@@ -528,14 +440,7 @@ pub fn parse_enum<T: Copy>(
         _ => {}
     }
     let names: Vec<&str> = values.iter().map(|(n, _)| *n).collect();
-    sink.error(
-        path.as_str(),
-        format!(
-            "unsupported value {}; supported: {}",
-            describe(v),
-            names.join(", ")
-        ),
-    );
+    sink.error(path.as_str(), format!("unsupported value {}; supported: {}", describe(v), names.join(", ")));
     None
 }
 
@@ -584,11 +489,7 @@ mod tests {
         m.finish(&mut sink);
         assert_eq!(sink.items.len(), 1);
         assert_eq!(sink.items[0].path, "spec.resources[0].bogusField");
-        assert!(
-            sink.items[0].message.contains("bogus_field"),
-            "{}",
-            sink.items[0].message
-        );
+        assert!(sink.items[0].message.contains("bogus_field"), "{}", sink.items[0].message);
     }
 
     #[test]

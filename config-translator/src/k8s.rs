@@ -8,10 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::diag::Sink;
-use crate::model::{
-    DataSource, Endpoint, EndpointAddress, EndpointHealth, Secret, TlsCertificate,
-    ValidationContext,
-};
+use crate::model::{DataSource, Endpoint, EndpointAddress, EndpointHealth, Secret, TlsCertificate, ValidationContext};
 
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
@@ -61,11 +58,7 @@ pub struct ServicePort {
 
 impl Service {
     pub fn key(&self) -> String {
-        format!(
-            "{}/{}",
-            self.metadata.namespace.as_deref().unwrap_or("default"),
-            self.metadata.name
-        )
+        format!("{}/{}", self.metadata.namespace.as_deref().unwrap_or("default"), self.metadata.name)
     }
 
     /// Cluster IPs that are real addresses (`None` and headless Services have none).
@@ -126,10 +119,7 @@ impl EndpointSlice {
     /// `namespace/service` this slice belongs to (label `kubernetes.io/service-name`).
     pub fn service_key(&self) -> Option<String> {
         let svc = self.metadata.labels.get("kubernetes.io/service-name")?;
-        Some(format!(
-            "{}/{svc}",
-            self.metadata.namespace.as_deref().unwrap_or("default")
-        ))
+        Some(format!("{}/{svc}", self.metadata.namespace.as_deref().unwrap_or("default")))
     }
 }
 
@@ -180,11 +170,7 @@ fn backends(slices: &[&EndpointSlice]) -> Vec<Backend> {
             }
         }
     }
-    if active.is_empty() {
-        terminating.into_iter().collect()
-    } else {
-        active.into_iter().collect()
-    }
+    if active.is_empty() { terminating.into_iter().collect() } else { active.into_iter().collect() }
 }
 
 /// Whether a backend port satisfies one entry of a CEC port filter (a port name, or a
@@ -194,10 +180,7 @@ fn port_matches(entry: &str, backend_port_name: &str, svc: Option<&Service>) -> 
         return true;
     }
     let Some(svc) = svc else { return false };
-    svc.spec
-        .ports
-        .iter()
-        .any(|sp| sp.name == backend_port_name && sp.port.to_string() == entry)
+    svc.spec.ports.iter().any(|sp| sp.name == backend_port_name && sp.port.to_string() == entry)
 }
 
 /// The EDS resources (ClusterLoadAssignments) Cilium's agent publishes for the Services that
@@ -240,10 +223,7 @@ pub fn load_assignments(
             out.insert(svc_key.clone(), all);
         } else {
             for entry in filter {
-                let matching = backends
-                    .iter()
-                    .filter(|b| port_matches(entry, &b.port_name, svc))
-                    .collect();
+                let matching = backends.iter().filter(|b| port_matches(entry, &b.port_name, svc)).collect();
                 out.insert(format!("{svc_key}:{entry}"), to_endpoints(matching));
             }
         }
@@ -267,11 +247,7 @@ pub struct K8sSecret {
 
 impl K8sSecret {
     pub fn key(&self) -> String {
-        format!(
-            "{}/{}",
-            self.metadata.namespace.as_deref().unwrap_or("default"),
-            self.metadata.name
-        )
+        format!("{}/{}", self.metadata.namespace.as_deref().unwrap_or("default"), self.metadata.name)
     }
 
     fn get(&self, sink: &mut Sink, k: &str) -> Option<Vec<u8>> {
@@ -307,8 +283,7 @@ impl K8sSecret {
         }
         let mut keys = self.data.keys().chain(self.string_data.keys());
         let first = keys.next()?.clone();
-        self.get(sink, &first)
-            .map(|v| Secret::Generic(DataSource::Inline(v)))
+        self.get(sink, &first).map(|v| Secret::Generic(DataSource::Inline(v)))
     }
 }
 
@@ -324,10 +299,7 @@ pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
             _ => return None,
         } as u32)
     }
-    let clean: Vec<u8> = s
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace() && *b != b'=')
-        .collect();
+    let clean: Vec<u8> = s.bytes().filter(|b| !b.is_ascii_whitespace() && *b != b'=').collect();
     let mut out = Vec::with_capacity(clean.len() * 3 / 4);
     for chunk in clean.chunks(4) {
         let mut acc = 0u32;
@@ -388,8 +360,7 @@ mod tests {
     fn port_filter_by_service_port_number() {
         let mut services = BTreeMap::new();
         services.insert("test/echo".to_string(), svc());
-        let referenced =
-            BTreeMap::from([("test/echo".to_string(), BTreeSet::from(["80".to_string()]))]);
+        let referenced = BTreeMap::from([("test/echo".to_string(), BTreeSet::from(["80".to_string()]))]);
         let cla = load_assignments(&referenced, &services, &[slice(true, false, "10.244.1.1")]);
         assert_eq!(cla.keys().collect::<Vec<_>>(), vec!["test/echo:80"]);
         assert_eq!(addrs(&cla["test/echo:80"]), vec!["10.244.1.1:8080"]);
@@ -399,33 +370,21 @@ mod tests {
     fn port_filter_by_name_and_any_port() {
         let mut services = BTreeMap::new();
         services.insert("test/echo".to_string(), svc());
-        let referenced = BTreeMap::from([(
-            "test/echo".to_string(),
-            BTreeSet::from(["smtp".to_string()]),
-        )]);
+        let referenced = BTreeMap::from([("test/echo".to_string(), BTreeSet::from(["smtp".to_string()]))]);
         let cla = load_assignments(&referenced, &services, &[slice(true, false, "10.244.1.1")]);
         assert_eq!(addrs(&cla["test/echo:smtp"]), vec!["10.244.1.1:25"]);
 
         let referenced = BTreeMap::from([("test/echo".to_string(), BTreeSet::new())]);
         let cla = load_assignments(&referenced, &services, &[slice(true, false, "10.244.1.1")]);
-        assert_eq!(
-            addrs(&cla["test/echo"]),
-            vec!["10.244.1.1:25", "10.244.1.1:8080"]
-        );
+        assert_eq!(addrs(&cla["test/echo"]), vec!["10.244.1.1:25", "10.244.1.1:8080"]);
         assert_eq!(cla["test/echo"], cla["test/echo:*"]);
     }
 
     #[test]
     fn terminating_only_when_no_active() {
         let services = BTreeMap::new();
-        let referenced = BTreeMap::from([(
-            "test/echo".to_string(),
-            BTreeSet::from(["http".to_string()]),
-        )]);
-        let both = [
-            slice(true, false, "10.0.0.1"),
-            slice(false, true, "10.0.0.2"),
-        ];
+        let referenced = BTreeMap::from([("test/echo".to_string(), BTreeSet::from(["http".to_string()]))]);
+        let both = [slice(true, false, "10.0.0.1"), slice(false, true, "10.0.0.2")];
         let cla = load_assignments(&referenced, &services, &both);
         assert_eq!(addrs(&cla["test/echo:http"]), vec!["10.0.0.1:8080"]);
         let only_term = [slice(false, true, "10.0.0.2")];

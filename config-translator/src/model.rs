@@ -174,11 +174,7 @@ impl CidrRange {
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 let len = u32::from(self.prefix_len.min(128));
-                let mask = if len == 0 {
-                    0
-                } else {
-                    u128::MAX << (128 - len)
-                };
+                let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -289,15 +285,11 @@ pub struct HttpConnectionManager {
 
 impl HttpConnectionManager {
     pub fn grpc_web(&self) -> bool {
-        self.http_filters
-            .iter()
-            .any(|f| matches!(f, HttpFilter::GrpcWeb))
+        self.http_filters.iter().any(|f| matches!(f, HttpFilter::GrpcWeb))
     }
 
     pub fn upgrade_enabled(&self, upgrade: &str) -> bool {
-        self.upgrade_configs
-            .iter()
-            .any(|u| u.enabled && u.upgrade_type.eq_ignore_ascii_case(upgrade))
+        self.upgrade_configs.iter().any(|u| u.enabled && u.upgrade_type.eq_ignore_ascii_case(upgrade))
     }
 }
 
@@ -333,17 +325,11 @@ impl Default for Http2Options {
 #[serde(rename_all = "snake_case", tag = "name")]
 pub enum HttpFilter {
     /// `envoy.filters.http.router`, always last.
-    Router {
-        suppress_envoy_headers: bool,
-        start_child_span: bool,
-    },
+    Router { suppress_envoy_headers: bool, start_child_span: bool },
     /// `envoy.filters.http.grpc_web`: gRPC-Web <-> gRPC.
     GrpcWeb,
     /// `envoy.filters.http.grpc_stats`: per-method gRPC counters.
-    GrpcStats {
-        stats_for_all_methods: bool,
-        enable_upstream_stats: bool,
-    },
+    GrpcStats { stats_for_all_methods: bool, enable_upstream_stats: bool },
     /// `envoy.filters.http.cors`; policies come from `typed_per_filter_config`.
     Cors,
     /// `envoy.filters.http.health_check`.
@@ -436,9 +422,7 @@ pub struct RouteConfig {
 impl RouteConfig {
     /// Envoy's virtual host selection for a `:authority`/`Host` value.
     pub fn select_vhost(&self, host: &str) -> Option<&Arc<VirtualHost>> {
-        self.vhost_index
-            .select(host)
-            .map(|i| &self.virtual_hosts[i])
+        self.vhost_index.select(host).map(|i| &self.virtual_hosts[i])
     }
 }
 
@@ -664,11 +648,7 @@ impl Pattern {
         // A 1 MiB compiled-size cap keeps a hostile CEC from exhausting memory; Envoy has a
         // similar "max program size" guard.
         let build = |s: &str| regex::RegexBuilder::new(s).size_limit(1 << 20).build();
-        Ok(Pattern {
-            source: source.to_string(),
-            full: build(&format!("^(?:{source})$"))?,
-            find: build(source)?,
-        })
+        Ok(Pattern { source: source.to_string(), full: build(&format!("^(?:{source})$"))?, find: build(source)? })
     }
 
     pub fn full_match(&self, s: &str) -> bool {
@@ -695,9 +675,7 @@ pub struct Fraction {
 }
 
 impl Fraction {
-    pub const ALL: Fraction = Fraction {
-        per_million: 1_000_000,
-    };
+    pub const ALL: Fraction = Fraction { per_million: 1_000_000 };
 
     /// `sample` is uniform in [0, 1_000_000).
     pub fn hit(&self, sample: u32) -> bool {
@@ -893,9 +871,7 @@ pub struct HeaderValueTemplate {
 
 impl HeaderValueTemplate {
     pub fn literal(s: &str) -> Self {
-        HeaderValueTemplate {
-            parts: vec![TemplatePart::Literal(s.to_string())],
-        }
+        HeaderValueTemplate { parts: vec![TemplatePart::Literal(s.to_string())] }
     }
 
     /// The value when it has no variables.
@@ -1068,10 +1044,7 @@ pub enum EndpointHealth {
 
 impl EndpointHealth {
     pub fn is_usable(self) -> bool {
-        matches!(
-            self,
-            EndpointHealth::Unknown | EndpointHealth::Healthy | EndpointHealth::Degraded
-        )
+        matches!(self, EndpointHealth::Unknown | EndpointHealth::Healthy | EndpointHealth::Degraded)
     }
 }
 
@@ -1079,17 +1052,10 @@ impl EndpointHealth {
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
     RoundRobin,
-    LeastRequest {
-        choice_count: u32,
-    },
+    LeastRequest { choice_count: u32 },
     Random,
-    RingHash {
-        minimum_ring_size: u64,
-        maximum_ring_size: u64,
-    },
-    Maglev {
-        table_size: u64,
-    },
+    RingHash { minimum_ring_size: u64, maximum_ring_size: u64 },
+    Maglev { table_size: u64 },
     ClusterProvided,
 }
 

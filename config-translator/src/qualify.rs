@@ -41,11 +41,7 @@ pub fn qualified_name(namespace: &str, cec: &str, name: &str, force_namespace: b
                 return name.to_string();
             }
             // A CCEC (empty namespace) forcing a name that starts with '/' keeps it.
-            if first == namespace {
-                name.to_string()
-            } else {
-                format!("{namespace}/{cec}/{name}")
-            }
+            if first == namespace { name.to_string() } else { format!("{namespace}/{cec}/{name}") }
         }
     }
 }
@@ -67,23 +63,14 @@ mod tests {
 
     #[test]
     fn cilium_qualification_rules() {
-        let s = Scope {
-            namespace: "default".into(),
-            name: "envoy-lb-listener".into(),
-        };
-        assert_eq!(
-            s.qualify_forced("envoy-lb-listener"),
-            "default/envoy-lb-listener/envoy-lb-listener"
-        );
+        let s = Scope { namespace: "default".into(), name: "envoy-lb-listener".into() };
+        assert_eq!(s.qualify_forced("envoy-lb-listener"), "default/envoy-lb-listener/envoy-lb-listener");
         assert_eq!(s.qualify("lb_route"), "default/envoy-lb-listener/lb_route");
         assert_eq!(s.qualify("default/helloworld-v1"), "default/helloworld-v1");
         assert_eq!(s.qualify("/envoy-admin"), "/envoy-admin");
         assert_eq!(s.qualify(""), "");
         // ForceNamespace: a foreign namespace is prefixed, our own is kept.
-        assert_eq!(
-            s.qualify_forced("other/foo"),
-            "default/envoy-lb-listener/other/foo"
-        );
+        assert_eq!(s.qualify_forced("other/foo"), "default/envoy-lb-listener/other/foo");
         assert_eq!(s.qualify_forced("default/foo"), "default/foo");
         assert_eq!(
             s.qualify("gateway-conformance-infra:infra-backend-v1:8080"),
@@ -93,10 +80,7 @@ mod tests {
 
     #[test]
     fn clusterwide_qualification() {
-        let s = Scope {
-            namespace: String::new(),
-            name: "ccec".into(),
-        };
+        let s = Scope { namespace: String::new(), name: "ccec".into() };
         assert_eq!(s.qualify("listener"), "/ccec/listener");
         assert_eq!(s.qualify_forced("/foo"), "/foo");
         assert_eq!(s.qualify_forced("ns/foo"), "/ccec/ns/foo");

@@ -93,28 +93,17 @@ pub fn translate(docs: &[Document], opts: &Options) -> Translation {
     let mut substituted: Vec<Document> = Vec::with_capacity(docs.len());
     for doc in docs {
         let name = match doc.kind() {
-            k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => {
-                scope_of(doc, k).source_name()
-            }
+            k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => scope_of(doc, k).source_name(),
             _ => {
                 substituted.push(doc.clone());
                 continue;
             }
         };
-        let rejected = first
-            .snapshot
-            .sources
-            .iter()
-            .any(|s| s.name == name && matches!(s.state, SourceState::Rejected { .. }));
+        let rejected =
+            first.snapshot.sources.iter().any(|s| s.name == name && matches!(s.state, SourceState::Rejected { .. }));
         match opts.last_good.get(&name) {
             Some(prev) if rejected && prev != doc && !fallbacks.contains_key(&name) => {
-                let errors = first
-                    .snapshot
-                    .diagnostics
-                    .iter()
-                    .filter(|d| d.source == name)
-                    .cloned()
-                    .collect();
+                let errors = first.snapshot.diagnostics.iter().filter(|d| d.source == name).cloned().collect();
                 fallbacks.insert(name, errors);
                 substituted.push(prev.clone());
             }
@@ -129,11 +118,7 @@ pub fn translate(docs: &[Document], opts: &Options) -> Translation {
 
 /// One translation of a fixed set of documents. `fallbacks` names CECs that are being served
 /// from their previous version, with the diagnostics of the rejected new version.
-fn pass(
-    docs: &[Document],
-    opts: &Options,
-    fallbacks: &BTreeMap<String, Vec<Diagnostic>>,
-) -> Translation {
+fn pass(docs: &[Document], opts: &Options, fallbacks: &BTreeMap<String, Vec<Diagnostic>>) -> Translation {
     let mut diags: Vec<Diagnostic> = Vec::new();
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
     let mut slices: Vec<EndpointSlice> = Vec::new();
@@ -171,9 +156,7 @@ fn pass(
                 }
                 diags.extend(sink.items);
             }
-            k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => {
-                cec_docs.push((doc, k))
-            }
+            k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => cec_docs.push((doc, k)),
             DocKind::Other => {}
         }
     }
@@ -189,20 +172,14 @@ fn pass(
             diags.push(Diagnostic::error(
                 &name,
                 "metadata.name",
-                format!(
-                    "{name} is defined twice ({first} and {}); the second is ignored",
-                    doc.origin
-                ),
+                format!("{name} is defined twice ({first} and {}); the second is ignored", doc.origin),
             ));
             continue;
         }
         seen.insert(name.clone(), doc.origin.clone());
         let mut cec = decode_cec(doc, kind, &scope);
         if !doc.has_explicit_kind() {
-            cec.sink.warning(
-                "",
-                "document has no apiVersion/kind; read as a CiliumEnvoyConfig",
-            );
+            cec.sink.warning("", "document has no apiVersion/kind; read as a CiliumEnvoyConfig");
         }
         if let Some(labels) = &opts.node_labels
             && !node_selected(&doc.value, labels, &mut cec.sink)
@@ -227,26 +204,12 @@ fn pass(
         }
     }
 
-    assemble(
-        cecs,
-        sources,
-        diags,
-        services,
-        slices,
-        k8s_secrets,
-        admin_cluster,
-        opts,
-        fallbacks,
-    )
+    assemble(cecs, sources, diags, services, slices, k8s_secrets, admin_cluster, opts, fallbacks)
 }
 
 fn doc_key(doc: &Document) -> String {
     let ns = doc.namespace();
-    if ns.is_empty() {
-        doc.name().to_string()
-    } else {
-        format!("{ns}/{}", doc.name())
-    }
+    if ns.is_empty() { doc.name().to_string() } else { format!("{ns}/{}", doc.name()) }
 }
 
 fn scope_of(doc: &Document, kind: DocKind) -> Scope {
@@ -254,17 +217,10 @@ fn scope_of(doc: &Document, kind: DocKind) -> Scope {
         DocKind::CiliumClusterwideEnvoyConfig => String::new(),
         _ => {
             let ns = doc.namespace();
-            if ns.is_empty() {
-                "default".to_string()
-            } else {
-                ns.to_string()
-            }
+            if ns.is_empty() { "default".to_string() } else { ns.to_string() }
         }
     };
-    Scope {
-        namespace,
-        name: doc.name().to_string(),
-    }
+    Scope { namespace, name: doc.name().to_string() }
 }
 
 fn report(cec: &Cec, state: SourceState) -> SourceReport {
@@ -273,11 +229,7 @@ fn report(cec: &Cec, state: SourceState) -> SourceReport {
         name: cec.name.clone(),
         origin: cec.origin.clone(),
         state,
-        listeners: cec
-            .listeners
-            .iter()
-            .map(|l| l.listener.name.clone())
-            .collect(),
+        listeners: cec.listeners.iter().map(|l| l.listener.name.clone()).collect(),
         route_configs: cec.route_configs.iter().map(|r| r.name.clone()).collect(),
         clusters: cec.clusters.iter().map(|c| c.name.clone()).collect(),
         secrets: cec.secrets.iter().map(|(n, _)| n.clone()).collect(),
@@ -366,30 +318,18 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         && api != "cilium.io/v2"
         && api != "cilium.io/v2alpha1"
     {
-        sink.error(
-            "apiVersion",
-            format!("unsupported apiVersion {api:?} (cilium.io/v2 or cilium.io/v2alpha1)"),
-        );
+        sink.error("apiVersion", format!("unsupported apiVersion {api:?} (cilium.io/v2 or cilium.io/v2alpha1)"));
     }
     let Some(spec_v) = doc.value.get("spec") else {
         sink.error("spec", "missing spec");
         out.sink = sink;
         return out;
     };
-    let Some(spec) = Msg::new(
-        &mut sink,
-        "CiliumEnvoyConfigSpec",
-        Path::root("spec"),
-        spec_v,
-    ) else {
+    let Some(spec) = Msg::new(&mut sink, "CiliumEnvoyConfigSpec", Path::root("spec"), spec_v) else {
         out.sink = sink;
         return out;
     };
-    let mut cx = Cx {
-        sink: &mut sink,
-        scope,
-        refs: Refs::default(),
-    };
+    let mut cx = Cx { sink: &mut sink, scope, refs: Refs::default() };
 
     // spec.services: redirected Services. In a CEC the namespace is the CEC's own
     // (Cilium's documented behaviour); in a CCEC it defaults to "default".
@@ -406,49 +346,33 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         for (v, p) in s.list(cx.sink, "ports") {
             match crate::json::parse_u64(cx.sink, &p, v) {
                 Some(n @ 1..=65535) => ports.push(n as u16),
-                Some(n) => cx
-                    .sink
-                    .error(p.as_str(), format!("port {n} is out of range")),
+                Some(n) => cx.sink.error(p.as_str(), format!("port {n} is out of range")),
                 None => {}
             }
         }
-        let listener = s
-            .str(cx.sink, "listener")
-            .filter(|l| !l.is_empty())
-            .map(|l| scope.qualify_forced(&l));
+        let listener = s.str(cx.sink, "listener").filter(|l| !l.is_empty()).map(|l| scope.qualify_forced(&l));
         s.skip("cec");
         s.finish(cx.sink);
         if name.is_empty() {
             cx.sink.error(&path, "service without a name");
             continue;
         }
-        out.services
-            .push((format!("{ns}/{name}"), ports, listener, path));
+        out.services.push((format!("{ns}/{name}"), ports, listener, path));
     }
     for s in spec.msgs(cx.sink, "backend_services", "Service") {
         let name = s.str(cx.sink, "name").unwrap_or_default();
         let ns = s
             .str(cx.sink, "namespace")
             .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| {
-                if scope.namespace.is_empty() {
-                    "default".into()
-                } else {
-                    scope.namespace.clone()
-                }
-            });
+            .unwrap_or_else(|| if scope.namespace.is_empty() { "default".into() } else { scope.namespace.clone() });
         let mut filter = Vec::new();
         for (v, p) in s.list(cx.sink, "number") {
             match v {
                 Value::String(x) => filter.push(x.clone()),
                 Value::Number(n) => filter.push(n.to_string()),
-                other => cx.sink.error(
-                    p.as_str(),
-                    format!(
-                        "expected a port name or number, found {}",
-                        crate::json::kind(other)
-                    ),
-                ),
+                other => cx
+                    .sink
+                    .error(p.as_str(), format!("expected a port name or number, found {}", crate::json::kind(other))),
             }
         }
         let path = s.path.to_string();
@@ -460,11 +384,7 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         out.backend_services.push((format!("{ns}/{name}"), filter));
     }
     spec.skip("node_selector");
-    spec.ignore(
-        cx.sink,
-        "version_info",
-        "not part of the CiliumEnvoyConfig schema",
-    );
+    spec.ignore(cx.sink, "version_info", "not part of the CiliumEnvoyConfig schema");
 
     let resources = spec.list(cx.sink, "resources");
     let mut names: HashMap<(&'static str, String), String> = HashMap::new();
@@ -492,8 +412,7 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
                     continue;
                 };
                 if r.name.is_empty() {
-                    cx.sink
-                        .error(path.as_str(), "route configuration without a name");
+                    cx.sink.error(path.as_str(), "route configuration without a name");
                     continue;
                 }
                 let n = r.name.clone();
@@ -517,10 +436,7 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
                 };
                 let (n, eps) = load_assignment(&mut cx, m, false);
                 if n.is_empty() {
-                    cx.sink.error(
-                        path.as_str(),
-                        "ClusterLoadAssignment without a cluster_name",
-                    );
+                    cx.sink.error(path.as_str(), "ClusterLoadAssignment without a cluster_name");
                     continue;
                 }
                 out.load_assignments.push((n.clone(), eps));
@@ -542,10 +458,7 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
             }
         };
         if let Some(prev) = names.insert((kind, name.clone()), path.to_string()) {
-            cx.sink.error(
-                path.as_str(),
-                format!("duplicate {kind} name {name:?} (also at {prev})"),
-            );
+            cx.sink.error(path.as_str(), format!("duplicate {kind} name {name:?} (also at {prev})"));
         }
         out.raw.insert(format!("{kind}:{name}"), v.clone());
     }
@@ -554,11 +467,7 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
 
     // An internal listener reference must name an internal listener of this CEC.
     for (l, p) in &out.refs.internal_listeners {
-        if !out
-            .listeners
-            .iter()
-            .any(|d| &d.listener.name == l && d.listener.internal)
-        {
+        if !out.listeners.iter().any(|d| &d.listener.name == l && d.listener.internal) {
             sink.error(p, format!("{l:?} is not an internal listener of this CEC"));
         }
     }
@@ -569,9 +478,7 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         {
             sink.warning(
                 &format!("{p}.listener"),
-                format!(
-                    "listener {l:?} is not defined in this CEC; Service {svc} is not redirected"
-                ),
+                format!("listener {l:?} is not defined in this CEC; Service {svc} is not redirected"),
             );
         }
     }
@@ -649,11 +556,7 @@ fn check_references(cecs: &mut [Cec], k8s_secrets: &BTreeMap<String, Secret>, ad
                 let msg = if BOOTSTRAP_CLUSTERS.contains(&bare) {
                     format!(
                         "undefined cluster {c:?}: {bare:?} names a bootstrap cluster of cilium-envoy, but bare names are qualified to the CEC; write \"/{bare}\"{}",
-                        if bare == "envoy-admin" {
-                            ""
-                        } else {
-                            " (only /envoy-admin exists in Sluice)"
-                        }
+                        if bare == "envoy-admin" { "" } else { " (only /envoy-admin exists in Sluice)" }
                     )
                 } else {
                     format!("undefined cluster {c:?}: no accepted CEC defines it")
@@ -663,10 +566,7 @@ fn check_references(cecs: &mut [Cec], k8s_secrets: &BTreeMap<String, Secret>, ad
         }
         for (s, p) in &cec.refs.secrets {
             if !secrets.contains(s) {
-                warns.push((
-                    p.clone(),
-                    format!("secret {s:?} is not known yet; TLS using it fails until it arrives"),
-                ));
+                warns.push((p.clone(), format!("secret {s:?} is not known yet; TLS using it fails until it arrives")));
             }
         }
         for (p, m) in errs {
@@ -725,12 +625,7 @@ fn admin_cluster(addr: SocketAddr) -> Cluster {
 }
 
 /// Cilium's stable port allocation: hash the qualified name into the range, then probe.
-fn allocate_port(
-    name: &str,
-    range: (u16, u16),
-    used: &BTreeSet<u16>,
-    previous: &BTreeMap<String, u16>,
-) -> Option<u16> {
+fn allocate_port(name: &str, range: (u16, u16), used: &BTreeSet<u16>, previous: &BTreeMap<String, u16>) -> Option<u16> {
     let (lo, hi) = (range.0.min(range.1), range.0.max(range.1));
     if let Some(&p) = previous.get(name)
         && (lo..=hi).contains(&p)
@@ -745,9 +640,7 @@ fn allocate_port(
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    (0..span)
-        .map(|i| lo + ((h.wrapping_add(i)) % span) as u16)
-        .find(|p| !used.contains(p))
+    (0..span).map(|i| lo + ((h.wrapping_add(i)) % span) as u16).find(|p| !used.contains(p))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -769,23 +662,12 @@ fn assemble(
         items
             .iter()
             .find(|d| d.is_error())
-            .map(|d| {
-                if d.path.is_empty() {
-                    d.message.clone()
-                } else {
-                    format!("{}: {}", d.path, d.message)
-                }
-            })
+            .map(|d| if d.path.is_empty() { d.message.clone() } else { format!("{}: {}", d.path, d.message) })
             .unwrap_or_default()
     };
     for cec in cecs {
         if cec.rejected() {
-            sources.push(report(
-                &cec,
-                SourceState::Rejected {
-                    reason: reason_of(&cec.sink.items),
-                },
-            ));
+            sources.push(report(&cec, SourceState::Rejected { reason: reason_of(&cec.sink.items) }));
             if let Some(new_errors) = fallbacks.get(&cec.name) {
                 diags.extend(new_errors.iter().cloned());
             }
@@ -794,12 +676,7 @@ fn assemble(
         }
         match fallbacks.get(&cec.name) {
             Some(new_errors) => {
-                sources.push(report(
-                    &cec,
-                    SourceState::PreviousVersion {
-                        reason: reason_of(new_errors),
-                    },
-                ));
+                sources.push(report(&cec, SourceState::PreviousVersion { reason: reason_of(new_errors) }));
                 diags.extend(new_errors.iter().cloned());
                 diags.push(Diagnostic::warning(
                     cec.name.clone(),
@@ -817,16 +694,10 @@ fn assemble(
     let mut referenced: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for cec in &accepted {
         for (svc, ports, _, _) in &cec.services {
-            referenced
-                .entry(svc.clone())
-                .or_default()
-                .extend(ports.iter().map(u16::to_string));
+            referenced.entry(svc.clone()).or_default().extend(ports.iter().map(u16::to_string));
         }
         for (svc, filter) in &cec.backend_services {
-            referenced
-                .entry(svc.clone())
-                .or_default()
-                .extend(filter.iter().cloned());
+            referenced.entry(svc.clone()).or_default().extend(filter.iter().cloned());
         }
     }
     let mut eds = k8s::load_assignments(&referenced, &services, &slices);
@@ -848,12 +719,8 @@ fn assemble(
             listener_names.push((ci, li));
         }
     }
-    listener_names.sort_by(|a, b| {
-        accepted[a.0].listeners[a.1]
-            .listener
-            .name
-            .cmp(&accepted[b.0].listeners[b.1].listener.name)
-    });
+    listener_names
+        .sort_by(|a, b| accepted[a.0].listeners[a.1].listener.name.cmp(&accepted[b.0].listeners[b.1].listener.name));
     for (ci, li) in listener_names {
         let l = &mut accepted[ci].listeners[li].listener;
         if !l.addresses.is_empty() || l.internal {
@@ -862,21 +729,16 @@ fn assemble(
         match allocate_port(&l.name, opts.port_range, &used, &opts.previous_ports) {
             Some(p) => {
                 used.insert(p);
-                l.addresses
-                    .push(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p));
+                l.addresses.push(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p));
                 if opts.ipv6 {
-                    l.addresses
-                        .push(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), p));
+                    l.addresses.push(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), p));
                 }
                 l.port_allocated = true;
             }
             None => diags.push(Diagnostic::error(
                 l.source.clone(),
                 "",
-                format!(
-                    "no free port in {}-{} for listener {}",
-                    opts.port_range.0, opts.port_range.1, l.name
-                ),
+                format!("no free port in {}-{} for listener {}", opts.port_range.0, opts.port_range.1, l.name),
             )),
         }
     }
@@ -896,9 +758,7 @@ fn assemble(
             let Some(t) = target.and_then(|t| t.listener.port().map(|p| (t, p))) else {
                 cec.sink_warning(
                     &mut diags,
-                    format!(
-                        "service {svc} is not redirected: this CEC has no listener with a port"
-                    ),
+                    format!("service {svc} is not redirected: this CEC has no listener with a port"),
                 );
                 continue;
             };
@@ -952,10 +812,7 @@ fn assemble(
                                 c.name
                             )
                         } else {
-                            format!(
-                                "cluster {}: no ClusterLoadAssignment named {service_name:?}",
-                                c.name
-                            )
+                            format!("cluster {}: no ClusterLoadAssignment named {service_name:?}", c.name)
                         };
                         diags.push(Diagnostic::warning(cec.name.clone(), "", msg));
                     }
@@ -976,11 +833,7 @@ fn assemble(
     for cec in &mut accepted {
         for d in std::mem::take(&mut cec.listeners) {
             let mut l = d.listener;
-            for chain in l
-                .filter_chains
-                .iter_mut()
-                .chain(l.default_filter_chain.iter_mut())
-            {
+            for chain in l.filter_chains.iter_mut().chain(l.default_filter_chain.iter_mut()) {
                 if let NetworkFilter::HttpConnectionManager(hcm) = &mut chain.filter
                     && hcm.route_config.is_none()
                 {
@@ -989,7 +842,10 @@ fn assemble(
                         diags.push(Diagnostic::warning(
                             cec.name.clone(),
                             d.path.as_str(),
-                            format!("route configuration {:?} is not defined; requests on this listener get 404", hcm.route_config_name),
+                            format!(
+                                "route configuration {:?} is not defined; requests on this listener get 404",
+                                hcm.route_config_name
+                            ),
                         ));
                     }
                     if let Some(h) = Arc::get_mut(hcm) {
@@ -1015,10 +871,7 @@ fn assemble(
     sources.sort_by(|a, b| a.name.cmp(&b.name));
     snapshot.sources = sources;
     snapshot.diagnostics = diags;
-    Translation {
-        snapshot,
-        accepted: accepted_docs,
-    }
+    Translation { snapshot, accepted: accepted_docs }
 }
 
 impl Cec {

@@ -23,10 +23,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     for p in entries {
         if p.is_dir() {
             walk(&p, out);
-        } else if matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
             out.push(p);
         }
     }
@@ -34,27 +31,17 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The keys of the "Not supported" table in docs/SUPPORTED.md (first column, in backticks).
 fn unsupported_features() -> Vec<String> {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/SUPPORTED.md"))
-            .expect("docs/SUPPORTED.md must exist");
-    let section = text
-        .split("## Not supported")
-        .nth(1)
-        .expect("docs/SUPPORTED.md needs a '## Not supported' section");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/SUPPORTED.md"))
+        .expect("docs/SUPPORTED.md must exist");
+    let section = text.split("## Not supported").nth(1).expect("docs/SUPPORTED.md needs a '## Not supported' section");
     let section = section.split("\n## ").next().unwrap_or(section);
-    section
-        .lines()
-        .filter(|l| l.starts_with("| `"))
-        .filter_map(|l| l.split('`').nth(1).map(str::to_string))
-        .collect()
+    section.lines().filter(|l| l.starts_with("| `")).filter_map(|l| l.split('`').nth(1).map(str::to_string)).collect()
 }
 
 #[test]
 fn corpus_acceptance() {
     let Some(dir) = corpus_dir() else {
-        eprintln!(
-            "SKIPPED corpus_acceptance: ../shared/corpus/cec is not present next to the checkout"
-        );
+        eprintln!("SKIPPED corpus_acceptance: ../shared/corpus/cec is not present next to the checkout");
         return;
     };
     let mut files = Vec::new();
@@ -72,20 +59,14 @@ fn corpus_acceptance() {
             unparsable += 1;
             continue;
         };
-        let (cecs, others): (Vec<&Document>, Vec<&Document>) = docs.iter().partition(|d| {
-            matches!(
-                d.kind(),
-                DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig
-            )
-        });
+        let (cecs, others): (Vec<&Document>, Vec<&Document>) = docs
+            .iter()
+            .partition(|d| matches!(d.kind(), DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig));
         for cec in cecs {
             total += 1;
             let mut input: Vec<Document> = others.iter().map(|d| (*d).clone()).collect();
             input.push(cec.clone());
-            let opts = Options {
-                admin_address: Some("127.0.0.1:9879".parse().unwrap()),
-                ..Options::default()
-            };
+            let opts = Options { admin_address: Some("127.0.0.1:9879".parse().unwrap()), ..Options::default() };
             let t = translate(&input, &opts);
             for d in t.snapshot.diagnostics.iter().filter(|d| !d.is_error()) {
                 let key: String = d.message.chars().take(70).collect();
@@ -98,19 +79,13 @@ fn corpus_acceptance() {
                     if !features.iter().any(|f| reason.contains(f.as_str())) {
                         unlisted.push(format!("{rel}: {reason}"));
                     }
-                    rejected
-                        .entry(reason.clone())
-                        .or_default()
-                        .push(rel.clone());
+                    rejected.entry(reason.clone()).or_default().push(rel.clone());
                 }
                 other => panic!("{rel}: unexpected state {other:?}"),
             }
         }
     }
-    println!(
-        "corpus: {total} CEC/CCEC documents in {} files ({unparsable} files not YAML/JSON)",
-        files.len()
-    );
+    println!("corpus: {total} CEC/CCEC documents in {} files ({unparsable} files not YAML/JSON)", files.len());
     println!("accepted: {accepted}");
     println!("rejected: {}", total - accepted);
     for (reason, files) in &rejected {
@@ -123,17 +98,7 @@ fn corpus_acceptance() {
     for (w, n) in &warnings {
         println!("  {n:>4} x {w}");
     }
-    assert!(
-        total >= 233,
-        "expected the 233 corpus documents, found {total}"
-    );
-    assert!(
-        accepted * 100 >= total * 90,
-        "only {accepted} of {total} accepted"
-    );
-    assert!(
-        unlisted.is_empty(),
-        "rejections for features not listed in docs/SUPPORTED.md:\n{}",
-        unlisted.join("\n")
-    );
+    assert!(total >= 233, "expected the 233 corpus documents, found {total}");
+    assert!(accepted * 100 >= total * 90, "only {accepted} of {total} accepted");
+    assert!(unlisted.is_empty(), "rejections for features not listed in docs/SUPPORTED.md:\n{}", unlisted.join("\n"));
 }

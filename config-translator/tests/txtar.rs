@@ -53,20 +53,11 @@ fn parse_expected(text: &str) -> Expected {
     for line in text.lines() {
         if !line.starts_with(' ') {
             current_eds = None;
-            if let Some(n) = line
-                .strip_prefix("listener:")
-                .and_then(|l| l.strip_suffix(':'))
-            {
+            if let Some(n) = line.strip_prefix("listener:").and_then(|l| l.strip_suffix(':')) {
                 e.listeners.insert(n.to_string());
-            } else if let Some(n) = line
-                .strip_prefix("clusters:")
-                .and_then(|l| l.strip_suffix(':'))
-            {
+            } else if let Some(n) = line.strip_prefix("clusters:").and_then(|l| l.strip_suffix(':')) {
                 e.clusters.insert(n.to_string());
-            } else if let Some(n) = line
-                .strip_prefix("endpoints:")
-                .and_then(|l| l.strip_suffix(':'))
-            {
+            } else if let Some(n) = line.strip_prefix("endpoints:").and_then(|l| l.strip_suffix(':')) {
                 e.endpoints.insert(n.to_string(), BTreeSet::new());
                 current_eds = Some(n.to_string());
             }
@@ -74,32 +65,20 @@ fn parse_expected(text: &str) -> Expected {
         }
         let Some(eds) = &current_eds else { continue };
         let t = line.trim();
-        if let Some(a) = t
-            .strip_prefix("address:  \"")
-            .and_then(|a| a.strip_suffix('"'))
-        {
+        if let Some(a) = t.strip_prefix("address:  \"").and_then(|a| a.strip_suffix('"')) {
             addr = Some(a.to_string());
-        } else if let Some(p) = t.strip_prefix("port_value:  ") {
-            if let Some(a) = addr.take() {
-                let a = if a.contains(':') {
-                    format!("[{a}]:{p}")
-                } else {
-                    format!("{a}:{p}")
-                };
-                e.endpoints.get_mut(eds).unwrap().insert(a);
-            }
+        } else if let Some(p) = t.strip_prefix("port_value:  ")
+            && let Some(a) = addr.take()
+        {
+            let a = if a.contains(':') { format!("[{a}]:{p}") } else { format!("{a}:{p}") };
+            e.endpoints.get_mut(eds).unwrap().insert(a);
         }
     }
     e
 }
 
 fn object_key(doc: &Document) -> (String, String, String) {
-    let kind = doc
-        .value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or("")
-        .to_string();
+    let kind = doc.value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
     (kind, doc.namespace().to_string(), doc.name().to_string())
 }
 
@@ -115,9 +94,7 @@ fn run(name: &str, tx: &Txtar) -> Result<usize, String> {
         match cmd.as_str() {
             "k8s/add" | "k8s/update" | "k8s/delete" => {
                 for f in &words[1..] {
-                    let text = files
-                        .get(f)
-                        .ok_or_else(|| format!("{name}: missing file {f}"))?;
+                    let text = files.get(f).ok_or_else(|| format!("{name}: missing file {f}"))?;
                     let docs = parse_documents(f, text).map_err(|e| format!("{name}: {e}"))?;
                     for d in docs {
                         let key = object_key(&d);
@@ -151,11 +128,7 @@ fn run(name: &str, tx: &Txtar) -> Result<usize, String> {
                 let docs: Vec<Document> = objects.values().cloned().collect();
                 let s = translate(&docs, &opts).snapshot;
                 let mut got = BTreeMap::new();
-                for (n, eps) in s
-                    .endpoints
-                    .iter()
-                    .filter(|(n, e)| !e.is_empty() && want.contains_key(*n))
-                {
+                for (n, eps) in s.endpoints.iter().filter(|(n, e)| !e.is_empty() && want.contains_key(*n)) {
                     let ips: BTreeSet<String> = eps
                         .iter()
                         .map(|e| match &e.address {
@@ -166,9 +139,7 @@ fn run(name: &str, tx: &Txtar) -> Result<usize, String> {
                     got.insert(n.clone(), ips);
                 }
                 if got != want {
-                    return Err(format!(
-                        "{name} at `{line}`: expected endpoints {want:?}, got {got:?}"
-                    ));
+                    return Err(format!("{name} at `{line}`: expected endpoints {want:?}, got {got:?}"));
                 }
                 compared += 1;
             }
@@ -184,21 +155,12 @@ fn run(name: &str, tx: &Txtar) -> Result<usize, String> {
                         .endpoints
                         .iter()
                         .filter(|(_, eps)| !eps.is_empty())
-                        .map(|(n, eps)| {
-                            (
-                                n.clone(),
-                                eps.iter().map(|e| e.address.to_string()).collect(),
-                            )
-                        })
+                        .map(|(n, eps)| (n.clone(), eps.iter().map(|e| e.address.to_string()).collect()))
                         .collect(),
                 };
                 // Cilium publishes empty assignments too in some versions; compare non-empty ones.
                 let want = Expected {
-                    endpoints: expected
-                        .endpoints
-                        .into_iter()
-                        .filter(|(_, a)| !a.is_empty())
-                        .collect(),
+                    endpoints: expected.endpoints.into_iter().filter(|(_, a)| !a.is_empty()).collect(),
                     ..expected
                 };
                 if got != want {
@@ -221,11 +183,7 @@ fn parse_resources_table(text: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut out = BTreeMap::new();
     for line in text.lines() {
         if let Some(c) = re.captures(line) {
-            let ips = c[2]
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
+            let ips = c[2].split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
             out.insert(c[1].to_string(), ips);
         }
     }
@@ -256,20 +214,14 @@ fn shell_words(line: &str) -> Vec<String> {
 
 #[test]
 fn cilium_agent_scenarios() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/corpus/cec/cilium/pkg/ciliumenvoyconfig/testdata");
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus/cec/cilium/pkg/ciliumenvoyconfig/testdata");
     let Ok(entries) = std::fs::read_dir(&dir) else {
-        eprintln!(
-            "SKIPPED cilium_agent_scenarios: {} is not present",
-            dir.display()
-        );
+        eprintln!("SKIPPED cilium_agent_scenarios: {} is not present", dir.display());
         return;
     };
-    let mut paths: Vec<_> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txtar"))
-        .collect();
+    let mut paths: Vec<_> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "txtar")).collect();
     paths.sort();
     let mut failures = Vec::new();
     let mut total = 0;

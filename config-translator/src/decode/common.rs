@@ -12,10 +12,7 @@ use crate::model::*;
 /// `envoy.type.matcher.v3.StringMatcher`.
 pub fn string_matcher(cx: &mut Cx, m: Msg) -> Option<StringMatcher> {
     let ignore_case = m.bool_or(cx.sink, "ignore_case", false);
-    let which = m.oneof(
-        cx.sink,
-        &["exact", "prefix", "suffix", "contains", "safe_regex"],
-    );
+    let which = m.oneof(cx.sink, &["exact", "prefix", "suffix", "contains", "safe_regex"]);
     let kind = match which {
         Some("exact") => StringMatchKind::Exact(m.str(cx.sink, "exact").unwrap_or_default()),
         Some("prefix") => StringMatchKind::Prefix(nonempty(cx, &m, "prefix")?),
@@ -28,11 +25,7 @@ pub fn string_matcher(cx: &mut Cx, m: Msg) -> Option<StringMatcher> {
         _ => {
             // An empty StringMatcher matches only the empty string in Envoy (exact "").
             if m.has("custom") {
-                m.unsupported(
-                    cx.sink,
-                    "custom",
-                    "custom string matchers are not implemented",
-                );
+                m.unsupported(cx.sink, "custom", "custom string matchers are not implemented");
                 m.finish(cx.sink);
                 return None;
             }
@@ -46,10 +39,7 @@ pub fn string_matcher(cx: &mut Cx, m: Msg) -> Option<StringMatcher> {
 fn nonempty(cx: &mut Cx, m: &Msg, name: &str) -> Option<String> {
     let s = m.str(cx.sink, name)?;
     if s.is_empty() {
-        cx.sink.error(
-            m.path.field(name).as_str(),
-            format!("`{name}` must not be empty"),
-        );
+        cx.sink.error(m.path.field(name).as_str(), format!("`{name}` must not be empty"));
         return None;
     }
     Some(s)
@@ -71,8 +61,7 @@ pub fn compile(cx: &mut Cx, path: &Path, re: &str) -> Option<Pattern> {
         Err(e) => {
             let msg = e.to_string();
             let first = msg.lines().last().unwrap_or(&msg).trim().to_string();
-            cx.sink
-                .error(path.as_str(), format!("invalid regex {re:?}: {first}"));
+            cx.sink.error(path.as_str(), format!("invalid regex {re:?}: {first}"));
             None
         }
     }
@@ -80,13 +69,9 @@ pub fn compile(cx: &mut Cx, path: &Path, re: &str) -> Option<Pattern> {
 
 /// `envoy.config.route.v3.HeaderMatcher`.
 pub fn header_matcher(cx: &mut Cx, m: Msg) -> Option<HeaderMatcher> {
-    let name = m
-        .str(cx.sink, "name")
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+    let name = m.str(cx.sink, "name").unwrap_or_default().to_ascii_lowercase();
     if name.is_empty() {
-        cx.sink
-            .error(m.path.as_str(), "header matcher without a name");
+        cx.sink.error(m.path.as_str(), "header matcher without a name");
     }
     let invert_match = m.bool_or(cx.sink, "invert_match", false);
     let treat_missing_header_as_empty = m.bool_or(cx.sink, "treat_missing_header_as_empty", false);
@@ -103,12 +88,7 @@ pub fn header_matcher(cx: &mut Cx, m: Msg) -> Option<HeaderMatcher> {
             "string_match",
         ],
     );
-    let sm = |kind| {
-        HeaderMatchSpec::String(StringMatcher {
-            kind,
-            ignore_case: false,
-        })
-    };
+    let sm = |kind| HeaderMatchSpec::String(StringMatcher { kind, ignore_case: false });
     let spec = match which {
         Some("exact_match") => sm(StringMatchKind::Exact(m.str(cx.sink, "exact_match")?)),
         Some("prefix_match") => sm(StringMatchKind::Prefix(m.str(cx.sink, "prefix_match")?)),
@@ -134,28 +114,15 @@ pub fn header_matcher(cx: &mut Cx, m: Msg) -> Option<HeaderMatcher> {
         _ => HeaderMatchSpec::Present(true),
     };
     m.finish(cx.sink);
-    Some(HeaderMatcher {
-        name,
-        spec,
-        invert_match,
-        treat_missing_header_as_empty,
-    })
+    Some(HeaderMatcher { name, spec, invert_match, treat_missing_header_as_empty })
 }
 
 pub fn header_matchers(cx: &mut Cx, m: &Msg, field: &str) -> Vec<HeaderMatcher> {
-    m.msgs(cx.sink, field, "HeaderMatcher")
-        .into_iter()
-        .filter_map(|h| header_matcher(cx, h))
-        .collect()
+    m.msgs(cx.sink, field, "HeaderMatcher").into_iter().filter_map(|h| header_matcher(cx, h)).collect()
 }
 
 /// `request_headers_to_add` & co. (`HeaderValueOption`) plus the matching `_to_remove` list.
-pub fn header_mutations(
-    cx: &mut Cx,
-    m: &Msg,
-    add_field: &str,
-    remove_field: &str,
-) -> HeaderMutations {
+pub fn header_mutations(cx: &mut Cx, m: &Msg, add_field: &str, remove_field: &str) -> HeaderMutations {
     let mut out = HeaderMutations::default();
     for opt in m.msgs(cx.sink, add_field, "HeaderValueOption") {
         if let Some(add) = header_value_option(cx, opt) {
@@ -169,10 +136,7 @@ pub fn header_mutations(
                     out.remove.push(n);
                 }
             }
-            None => cx.sink.error(
-                path.as_str(),
-                format!("expected a header name, found {}", kind(v)),
-            ),
+            None => cx.sink.error(path.as_str(), format!("expected a header name, found {}", kind(v))),
         }
     }
     out
@@ -187,18 +151,12 @@ pub fn header_value_option(cx: &mut Cx, opt: Msg) -> Option<HeaderAdd> {
         &[
             ("APPEND_IF_EXISTS_OR_ADD", AppendAction::AppendIfExistsOrAdd),
             ("ADD_IF_ABSENT", AppendAction::AddIfAbsent),
-            (
-                "OVERWRITE_IF_EXISTS_OR_ADD",
-                AppendAction::OverwriteIfExistsOrAdd,
-            ),
+            ("OVERWRITE_IF_EXISTS_OR_ADD", AppendAction::OverwriteIfExistsOrAdd),
             ("OVERWRITE_IF_EXISTS", AppendAction::OverwriteIfExists),
         ],
     );
     if append.is_some() && opt.has("append_action") {
-        cx.sink.error(
-            opt.path.as_str(),
-            "`append` and `append_action` are mutually exclusive",
-        );
+        cx.sink.error(opt.path.as_str(), "`append` and `append_action` are mutually exclusive");
     }
     // The deprecated `append` defaults to true (append) in HeaderValueOption.
     let action = action.unwrap_or(if append == Some(false) {
@@ -218,8 +176,7 @@ pub fn header_value_option(cx: &mut Cx, opt: Msg) -> Option<HeaderAdd> {
             match b.and_then(|b| String::from_utf8(b).ok()) {
                 Some(s) => s,
                 None => {
-                    cx.sink
-                        .error(p.as_str(), "raw_value must be base64-encoded UTF-8");
+                    cx.sink.error(p.as_str(), "raw_value must be base64-encoded UTF-8");
                     return None;
                 }
             }
@@ -231,31 +188,19 @@ pub fn header_value_option(cx: &mut Cx, opt: Msg) -> Option<HeaderAdd> {
     let name = header_name(cx, &key_path, &key)?;
     if name.starts_with(':') || name == "host" {
         // Envoy refuses to modify pseudo-headers and Host through header mutations.
-        cx.sink.error(
-            key_path.as_str(),
-            format!("header `{key}` cannot be modified by header mutations"),
-        );
+        cx.sink.error(key_path.as_str(), format!("header `{key}` cannot be modified by header mutations"));
         return None;
     }
     let value = header_template(cx, &vpath, &value)?;
-    Some(HeaderAdd {
-        name,
-        value,
-        action,
-        keep_empty_value,
-    })
+    Some(HeaderAdd { name, value, action, keep_empty_value })
 }
 
 /// Validates an HTTP header name (token characters) and lower-cases it.
 pub fn header_name(cx: &mut Cx, path: &Path, name: &str) -> Option<String> {
     let body = name.strip_prefix(':').unwrap_or(name);
-    let ok = !body.is_empty()
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let ok = !body.is_empty() && body.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if !ok {
-        cx.sink
-            .error(path.as_str(), format!("invalid header name {name:?}"));
+        cx.sink.error(path.as_str(), format!("invalid header name {name:?}"));
         return None;
     }
     Some(name.to_ascii_lowercase())
@@ -264,10 +209,7 @@ pub fn header_name(cx: &mut Cx, path: &Path, name: &str) -> Option<String> {
 /// Parses Envoy's `%VARIABLE%` substitutions in header values. `%%` is a literal `%`.
 pub fn header_template(cx: &mut Cx, path: &Path, s: &str) -> Option<HeaderValueTemplate> {
     if s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-        cx.sink.error(
-            path.as_str(),
-            "header values must not contain CR, LF or NUL",
-        );
+        cx.sink.error(path.as_str(), "header values must not contain CR, LF or NUL");
         return None;
     }
     let mut parts = Vec::new();
@@ -282,20 +224,15 @@ pub fn header_template(cx: &mut Cx, path: &Path, s: &str) -> Option<HeaderValueT
             continue;
         }
         let Some(end) = after.find('%') else {
-            cx.sink
-                .error(path.as_str(), format!("unterminated %VARIABLE% in {s:?}"));
+            cx.sink.error(path.as_str(), format!("unterminated %VARIABLE% in {s:?}"));
             return None;
         };
         let var = &after[..end];
         let part = match var {
             "DOWNSTREAM_REMOTE_ADDRESS" => TemplatePart::DownstreamRemoteAddress,
-            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => {
-                TemplatePart::DownstreamRemoteAddressWithoutPort
-            }
+            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => TemplatePart::DownstreamRemoteAddressWithoutPort,
             "DOWNSTREAM_LOCAL_ADDRESS" => TemplatePart::DownstreamLocalAddress,
-            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => {
-                TemplatePart::DownstreamLocalAddressWithoutPort
-            }
+            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => TemplatePart::DownstreamLocalAddressWithoutPort,
             "DOWNSTREAM_LOCAL_PORT" => TemplatePart::DownstreamLocalPort,
             "UPSTREAM_REMOTE_ADDRESS" => TemplatePart::UpstreamRemoteAddress,
             "HOSTNAME" => TemplatePart::Hostname,
@@ -307,8 +244,7 @@ pub fn header_template(cx: &mut Cx, path: &Path, s: &str) -> Option<HeaderValueT
             }
             v if v.starts_with("CILIUM_") => TemplatePart::Other(format!("%{v}%")),
             v => {
-                cx.sink
-                    .error(path.as_str(), format!("unsupported header variable %{v}%"));
+                cx.sink.error(path.as_str(), format!("unsupported header variable %{v}%"));
                 return None;
             }
         };
@@ -327,21 +263,11 @@ pub fn header_template(cx: &mut Cx, path: &Path, s: &str) -> Option<HeaderValueT
 
 /// `envoy.config.core.v3.DataSource`.
 pub fn data_source(cx: &mut Cx, m: Msg) -> Option<DataSource> {
-    let which = m.oneof(
-        cx.sink,
-        &[
-            "filename",
-            "inline_bytes",
-            "inline_string",
-            "environment_variable",
-        ],
-    );
+    let which = m.oneof(cx.sink, &["filename", "inline_bytes", "inline_string", "environment_variable"]);
     m.skip("watched_directory");
     let out = match which {
         Some("filename") => m.str(cx.sink, "filename").map(DataSource::Filename),
-        Some("inline_string") => m
-            .str(cx.sink, "inline_string")
-            .map(|s| DataSource::Inline(s.into_bytes())),
+        Some("inline_string") => m.str(cx.sink, "inline_string").map(|s| DataSource::Inline(s.into_bytes())),
         Some("inline_bytes") => {
             let (v, p) = m.take("inline_bytes")?;
             match v.as_str().and_then(crate::k8s::base64_decode) {
@@ -352,14 +278,9 @@ pub fn data_source(cx: &mut Cx, m: Msg) -> Option<DataSource> {
                 }
             }
         }
-        Some("environment_variable") => m
-            .str(cx.sink, "environment_variable")
-            .map(DataSource::EnvironmentVariable),
+        Some("environment_variable") => m.str(cx.sink, "environment_variable").map(DataSource::EnvironmentVariable),
         _ => {
-            cx.sink.error(
-                m.path.as_str(),
-                "empty data source (set filename, inline_string or inline_bytes)",
-            );
+            cx.sink.error(m.path.as_str(), "empty data source (set filename, inline_string or inline_bytes)");
             None
         }
     };
@@ -377,47 +298,27 @@ pub fn cidr_range(cx: &mut Cx, m: Msg) -> Option<CidrRange> {
     let address: IpAddr = match addr.parse() {
         Ok(a) => a,
         Err(_) => {
-            cx.sink.error(
-                path.field("address_prefix").as_str(),
-                format!("invalid IP address {addr:?}"),
-            );
+            cx.sink.error(path.field("address_prefix").as_str(), format!("invalid IP address {addr:?}"));
             return None;
         }
     };
     let max = if address.is_ipv4() { 32 } else { 128 };
     if len > max {
-        cx.sink.error(
-            len_path.as_str(),
-            format!("prefix length {len} is longer than {max}"),
-        );
+        cx.sink.error(len_path.as_str(), format!("prefix length {len} is longer than {max}"));
         return None;
     }
-    Some(CidrRange {
-        address,
-        prefix_len: len as u8,
-    })
+    Some(CidrRange { address, prefix_len: len as u8 })
 }
 
 pub fn cidr_ranges(cx: &mut Cx, m: &Msg, field: &str) -> Vec<CidrRange> {
-    m.msgs(cx.sink, field, "CidrRange")
-        .into_iter()
-        .filter_map(|c| cidr_range(cx, c))
-        .collect()
+    m.msgs(cx.sink, field, "CidrRange").into_iter().filter_map(|c| cidr_range(cx, c)).collect()
 }
 
 /// `envoy.type.v3.FractionalPercent`.
 pub fn fractional_percent(cx: &mut Cx, m: Msg) -> Option<Fraction> {
     let num = u64::from(m.u32(cx.sink, "numerator").unwrap_or(0));
     let denom = m
-        .enumeration(
-            cx.sink,
-            "denominator",
-            &[
-                ("HUNDRED", 100u64),
-                ("TEN_THOUSAND", 10_000),
-                ("MILLION", 1_000_000),
-            ],
-        )
+        .enumeration(cx.sink, "denominator", &[("HUNDRED", 100u64), ("TEN_THOUSAND", 10_000), ("MILLION", 1_000_000)])
         .unwrap_or(100);
     m.finish(cx.sink);
     let per_million = (num.min(denom) * (1_000_000 / denom)) as u32;
@@ -427,11 +328,7 @@ pub fn fractional_percent(cx: &mut Cx, m: Msg) -> Option<Fraction> {
 /// `envoy.config.core.v3.RuntimeFractionalPercent`: Sluice has no runtime layer, so the
 /// default value is the value.
 pub fn runtime_fraction(cx: &mut Cx, m: Msg) -> Option<Fraction> {
-    m.ignore(
-        cx.sink,
-        "runtime_key",
-        "Sluice has no runtime layer; default_value applies",
-    );
+    m.ignore(cx.sink, "runtime_key", "Sluice has no runtime layer; default_value applies");
     let f = match m.msg(cx.sink, "default_value", "FractionalPercent") {
         Some(d) => fractional_percent(cx, d),
         None => Some(Fraction { per_million: 0 }),
@@ -449,8 +346,7 @@ pub fn percent(cx: &mut Cx, m: &Msg, field: &str) -> Option<f64> {
     };
     let p = crate::json::parse_f64(cx.sink, &path, &value)?;
     if !(0.0..=100.0).contains(&p) {
-        cx.sink
-            .error(path.as_str(), format!("percentage {p} is outside 0..100"));
+        cx.sink.error(path.as_str(), format!("percentage {p} is outside 0..100"));
         return None;
     }
     Some(p / 100.0)
@@ -459,10 +355,7 @@ pub fn percent(cx: &mut Cx, m: &Msg, field: &str) -> Option<f64> {
 /// `envoy.config.core.v3.Address` with a `socket_address`. Returns `None` (with a
 /// diagnostic) for pipes and internal addresses where they are not allowed.
 pub fn socket_address(cx: &mut Cx, m: Msg) -> Option<SocketAddr> {
-    let which = m.oneof(
-        cx.sink,
-        &["socket_address", "pipe", "envoy_internal_address"],
-    );
+    let which = m.oneof(cx.sink, &["socket_address", "pipe", "envoy_internal_address"]);
     let out = match which {
         Some("socket_address") => {
             let sa = m.msg(cx.sink, "socket_address", "SocketAddress")?;
@@ -470,21 +363,20 @@ pub fn socket_address(cx: &mut Cx, m: Msg) -> Option<SocketAddr> {
             r.and_then(|(host, port)| match host.parse::<IpAddr>() {
                 Ok(ip) => Some(SocketAddr::new(ip, port)),
                 Err(_) => {
-                    cx.sink.error(m.path.as_str(), format!("{host:?} is not an IP address (listeners and STATIC endpoints need IPs)"));
+                    cx.sink.error(
+                        m.path.as_str(),
+                        format!("{host:?} is not an IP address (listeners and STATIC endpoints need IPs)"),
+                    );
                     None
                 }
             })
         }
         Some(other) => {
-            cx.sink.error(
-                m.path.field(other).as_str(),
-                format!("unsupported address type `{other}` here"),
-            );
+            cx.sink.error(m.path.field(other).as_str(), format!("unsupported address type `{other}` here"));
             None
         }
         None => {
-            cx.sink
-                .error(m.path.as_str(), "address without socket_address");
+            cx.sink.error(m.path.as_str(), "address without socket_address");
             None
         }
     };
@@ -503,26 +395,19 @@ pub fn socket_address_inner(cx: &mut Cx, sa: Msg) -> Option<(String, u16)> {
     sa.skip("ipv4_compat");
     let proto = sa.enumeration(cx.sink, "protocol", &[("TCP", true), ("UDP", false)]);
     if proto == Some(false) {
-        cx.sink
-            .error(sa.path.field("protocol").as_str(), "UDP is not supported");
+        cx.sink.error(sa.path.field("protocol").as_str(), "UDP is not supported");
     }
     sa.unsupported(cx.sink, "named_port", "named ports are not supported");
-    sa.unsupported(
-        cx.sink,
-        "resolver_name",
-        "custom resolvers are not supported",
-    );
+    sa.unsupported(cx.sink, "resolver_name", "custom resolvers are not supported");
     sa.skip("network_namespace_filepath");
     sa.finish(cx.sink);
     let port = port?;
     if port > 65535 {
-        cx.sink
-            .error(port_path.as_str(), format!("port {port} is out of range"));
+        cx.sink.error(port_path.as_str(), format!("port {port} is out of range"));
         return None;
     }
     if host.is_empty() {
-        cx.sink
-            .error(port_path.as_str(), "socket address without an address");
+        cx.sink.error(port_path.as_str(), "socket address without an address");
         return None;
     }
     Some((host, port as u16))
@@ -537,28 +422,16 @@ mod tests {
 
     fn with_cx<T>(f: impl FnOnce(&mut Cx) -> T) -> (T, Sink) {
         let mut sink = Sink::new("t/t");
-        let scope = Scope {
-            namespace: "t".into(),
-            name: "t".into(),
-        };
-        let mut cx = Cx {
-            sink: &mut sink,
-            scope: &scope,
-            refs: Default::default(),
-        };
+        let scope = Scope { namespace: "t".into(), name: "t".into() };
+        let mut cx = Cx { sink: &mut sink, scope: &scope, refs: Default::default() };
         let r = f(&mut cx);
         (r, sink)
     }
 
     #[test]
     fn templates() {
-        let (t, sink) = with_cx(|cx| {
-            header_template(
-                cx,
-                &Path::root("p"),
-                "a-%DOWNSTREAM_REMOTE_ADDRESS%-%%-%REQ(X-Foo)%",
-            )
-        });
+        let (t, sink) =
+            with_cx(|cx| header_template(cx, &Path::root("p"), "a-%DOWNSTREAM_REMOTE_ADDRESS%-%%-%REQ(X-Foo)%"));
         assert!(!sink.has_errors());
         assert_eq!(
             t.unwrap().parts,
@@ -602,11 +475,7 @@ mod tests {
         });
         assert!(m.is_none());
         assert_eq!(sink.items[0].path, "m.safe_regex.regex");
-        assert!(
-            sink.items[0].message.starts_with("invalid regex"),
-            "{}",
-            sink.items[0].message
-        );
+        assert!(sink.items[0].message.starts_with("invalid regex"), "{}", sink.items[0].message);
     }
 
     #[test]

@@ -37,10 +37,7 @@ pub fn listener(cx: &mut Cx, m: Msg, source: &str) -> Option<ListenerDraft> {
             addresses.push(sa);
             // `[::]` with ipv4_compat also accepts IPv4; Sluice binds both explicitly.
             if compat && sa.ip().is_unspecified() && sa.is_ipv6() {
-                addresses.push(std::net::SocketAddr::new(
-                    std::net::Ipv4Addr::UNSPECIFIED.into(),
-                    sa.port(),
-                ));
+                addresses.push(std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), sa.port()));
             }
         }
     }
@@ -54,13 +51,9 @@ pub fn listener(cx: &mut Cx, m: Msg, source: &str) -> Option<ListenerDraft> {
         extra.finish(cx.sink);
     }
     addresses.dedup();
-    let internal = m
-        .msg(cx.sink, "internal_listener", "InternalListenerConfig")
-        .map(|i| i.finish(cx.sink))
-        .is_some();
+    let internal = m.msg(cx.sink, "internal_listener", "InternalListenerConfig").map(|i| i.finish(cx.sink)).is_some();
     if internal && !addresses.is_empty() {
-        cx.sink
-            .error(path.as_str(), "an internal listener cannot have an address");
+        cx.sink.error(path.as_str(), "an internal listener cannot have an address");
     }
 
     let mut proxy_protocol = false;
@@ -94,11 +87,7 @@ pub fn listener(cx: &mut Cx, m: Msg, source: &str) -> Option<ListenerDraft> {
                     && let Some(pp) = Msg::new(cx.sink, "ProxyProtocol", vp.clone(), val)
                 {
                     pp.unsupported(cx.sink, "rules", "TLV rules are not implemented");
-                    pp.unsupported(
-                        cx.sink,
-                        "allow_requests_without_proxy_protocol",
-                        "not implemented",
-                    );
+                    pp.unsupported(cx.sink, "allow_requests_without_proxy_protocol", "not implemented");
                     pp.skip("pass_through_tlvs");
                     pp.skip("stat_prefix");
                     pp.reject_unless_default(cx.sink, "disallowed_versions", "not implemented");
@@ -122,23 +111,16 @@ pub fn listener(cx: &mut Cx, m: Msg, source: &str) -> Option<ListenerDraft> {
             }
             (n, t) => {
                 let what = if t.is_empty() { n } else { t };
-                cx.sink
-                    .error(p.as_str(), format!("unsupported listener filter {what}"));
+                cx.sink.error(p.as_str(), format!("unsupported listener filter {what}"));
             }
         }
     }
 
     let tcp_keepalive = socket_options(cx, &m);
-    let per_connection_buffer_limit_bytes = m
-        .u32(cx.sink, "per_connection_buffer_limit_bytes")
-        .unwrap_or(1024 * 1024);
+    let per_connection_buffer_limit_bytes = m.u32(cx.sink, "per_connection_buffer_limit_bytes").unwrap_or(1024 * 1024);
 
     let mut filter_chains = Vec::new();
-    for (i, fc) in m
-        .msgs(cx.sink, "filter_chains", "FilterChain")
-        .into_iter()
-        .enumerate()
-    {
+    for (i, fc) in m.msgs(cx.sink, "filter_chains", "FilterChain").into_iter().enumerate() {
         if let Some(c) = filter_chain(cx, fc, &name, i, source) {
             filter_chains.push(c);
         }
@@ -148,10 +130,7 @@ pub fn listener(cx: &mut Cx, m: Msg, source: &str) -> Option<ListenerDraft> {
         .and_then(|fc| filter_chain(cx, fc, &name, usize::MAX, source));
     if filter_chains.is_empty() && default_filter_chain.is_none() && !cx.sink.has_errors() {
         // Cilium's parser tests contain listeners with no chains (only the redirect matters).
-        cx.sink.warning(
-            path.as_str(),
-            "listener has no filter chains: connections to it are closed",
-        );
+        cx.sink.warning(path.as_str(), "listener has no filter chains: connections to it are closed");
     }
     check_duplicate_matches(cx, &path, &filter_chains);
 
@@ -170,27 +149,11 @@ pub fn listener(cx: &mut Cx, m: Msg, source: &str) -> Option<ListenerDraft> {
     m.skip("tcp_fast_open_queue_length");
     m.skip("enable_mptcp");
     m.skip("bind_to_port");
-    m.ignore(
-        cx.sink,
-        "transparent",
-        "transparent sockets are Cilium datapath specific",
-    );
+    m.ignore(cx.sink, "transparent", "transparent sockets are Cilium datapath specific");
     m.ignore(cx.sink, "freebind", "not applied");
-    m.ignore(
-        cx.sink,
-        "use_original_dst",
-        "not applied; see the fast path for original destinations",
-    );
-    m.ignore(
-        cx.sink,
-        "access_log",
-        "listener-level access logs are not implemented; use the connection manager's",
-    );
-    m.unsupported(
-        cx.sink,
-        "udp_listener_config",
-        "UDP listeners are not supported",
-    );
+    m.ignore(cx.sink, "use_original_dst", "not applied; see the fast path for original destinations");
+    m.ignore(cx.sink, "access_log", "listener-level access logs are not implemented; use the connection manager's");
+    m.unsupported(cx.sink, "udp_listener_config", "UDP listeners are not supported");
     m.unsupported(cx.sink, "api_listener", "API listeners are not supported");
     m.unsupported(
         cx.sink,
@@ -236,13 +199,18 @@ fn socket_options(cx: &mut Cx, m: &Msg) -> Option<TcpKeepalive> {
         opt.finish(cx.sink);
         let secs = |v: i64| Some(Duration::from_secs(v.max(1) as u64));
         match (level, name, value) {
-            (1, 9, Some(v)) => enabled = v != 0,  // SOL_SOCKET, SO_KEEPALIVE
-            (6, 4, Some(v)) => ka.idle = secs(v), // IPPROTO_TCP, TCP_KEEPIDLE
-            (6, 5, Some(v)) => ka.interval = secs(v), // TCP_KEEPINTVL
+            (1, 9, Some(v)) => enabled = v != 0,                 // SOL_SOCKET, SO_KEEPALIVE
+            (6, 4, Some(v)) => ka.idle = secs(v),                // IPPROTO_TCP, TCP_KEEPIDLE
+            (6, 5, Some(v)) => ka.interval = secs(v),            // TCP_KEEPINTVL
             (6, 6, Some(v)) => ka.count = Some(v.max(1) as u32), // TCP_KEEPCNT
             _ => {
                 let what = if has_buf { "buffer-valued" } else { "integer" };
-                cx.sink.warning(path.as_str(), format!("ignored {what} socket option level {level} name {name}: only TCP keepalive options are applied"));
+                cx.sink.warning(
+                    path.as_str(),
+                    format!(
+                        "ignored {what} socket option level {level} name {name}: only TCP keepalive options are applied"
+                    ),
+                );
             }
         }
     }
@@ -263,20 +231,10 @@ fn check_duplicate_matches(cx: &mut Cx, path: &Path, chains: &[FilterChain]) {
     }
 }
 
-fn filter_chain(
-    cx: &mut Cx,
-    m: Msg,
-    listener: &str,
-    index: usize,
-    source: &str,
-) -> Option<FilterChain> {
-    let name = m.str(cx.sink, "name").unwrap_or_else(|| {
-        if index == usize::MAX {
-            "default".to_string()
-        } else {
-            format!("chain-{index}")
-        }
-    });
+fn filter_chain(cx: &mut Cx, m: Msg, listener: &str, index: usize, source: &str) -> Option<FilterChain> {
+    let name = m
+        .str(cx.sink, "name")
+        .unwrap_or_else(|| if index == usize::MAX { "default".to_string() } else { format!("chain-{index}") });
     let matcher = m
         .msg(cx.sink, "filter_chain_match", "FilterChainMatch")
         .map(|fm| filter_chain_match(cx, fm))
@@ -289,11 +247,7 @@ fn filter_chain(
     }
     m.skip("metadata");
     m.skip("transport_socket_connect_timeout");
-    m.unsupported(
-        cx.sink,
-        "use_proxy_proto",
-        "use the proxy_protocol listener filter",
-    );
+    m.unsupported(cx.sink, "use_proxy_proto", "use the proxy_protocol listener filter");
     m.unsupported(cx.sink, "on_demand_configuration", "not implemented");
     let mut terminal: Option<NetworkFilter> = None;
     let filters = m.list(cx.sink, "filters");
@@ -304,17 +258,10 @@ fn filter_chain(
         };
         let fname = f.str(cx.sink, "name").unwrap_or_default();
         let typed = f.take("typed_config");
-        f.unsupported(
-            cx.sink,
-            "config_discovery",
-            "filter config discovery is not implemented",
-        );
+        f.unsupported(cx.sink, "config_discovery", "filter config discovery is not implemented");
         f.finish(cx.sink);
         let Some((tv, tp)) = typed else {
-            cx.sink.error(
-                p.as_str(),
-                format!("network filter {fname} without typed_config"),
-            );
+            cx.sink.error(p.as_str(), format!("network filter {fname} without typed_config"));
             continue;
         };
         let Some((ty, val, vp)) = any(cx.sink, &tp, tv) else {
@@ -328,10 +275,7 @@ fn filter_chain(
                     terminal = Some(NetworkFilter::HttpConnectionManager(Arc::new(hcm)));
                 }
                 if i + 1 != n {
-                    cx.sink.error(
-                        p.as_str(),
-                        "the HTTP connection manager must be the last network filter",
-                    );
+                    cx.sink.error(p.as_str(), "the HTTP connection manager must be the last network filter");
                 }
             }
             "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy" => {
@@ -341,26 +285,23 @@ fn filter_chain(
                     terminal = Some(NetworkFilter::TcpProxy(Arc::new(tp)));
                 }
                 if i + 1 != n {
-                    cx.sink
-                        .error(p.as_str(), "the TCP proxy must be the last network filter");
+                    cx.sink.error(p.as_str(), "the TCP proxy must be the last network filter");
                 }
             }
             "cilium.NetworkFilter" => {
-                cx.sink.warning(p.as_str(), "ignored cilium.network: Cilium's L4 policy filter; policy stays with Cilium's datapath");
+                cx.sink.warning(
+                    p.as_str(),
+                    "ignored cilium.network: Cilium's L4 policy filter; policy stays with Cilium's datapath",
+                );
             }
-            other => cx
-                .sink
-                .error(p.as_str(), format!("unsupported network filter {other}")),
+            other => cx.sink.error(p.as_str(), format!("unsupported network filter {other}")),
         }
     }
     let path = m.path.clone();
     m.finish(cx.sink);
     let Some(filter) = terminal else {
         if !cx.sink.has_errors() {
-            cx.sink.error(
-                path.as_str(),
-                "filter chain has no http_connection_manager or tcp_proxy filter",
-            );
+            cx.sink.error(path.as_str(), "filter chain has no http_connection_manager or tcp_proxy filter");
         }
         return None;
     };
@@ -370,12 +311,7 @@ fn filter_chain(
     {
         // TLS passthrough: the chain matches on SNI and forwards the bytes untouched.
     }
-    Some(FilterChain {
-        name,
-        matcher,
-        tls,
-        filter,
-    })
+    Some(FilterChain { name, matcher, tls, filter })
 }
 
 fn filter_chain_match(cx: &mut Cx, m: Msg) -> FilterChainMatch {
@@ -383,10 +319,7 @@ fn filter_chain_match(cx: &mut Cx, m: Msg) -> FilterChainMatch {
     let port_path = m.path.field("destination_port");
     if let Some(p) = m.u32(cx.sink, "destination_port") {
         if p == 0 || p > 65535 {
-            cx.sink.error(
-                port_path.as_str(),
-                format!("destination_port {p} is out of range"),
-            );
+            cx.sink.error(port_path.as_str(), format!("destination_port {p} is out of range"));
         } else {
             fm.destination_port = Some(p as u16);
         }
@@ -397,31 +330,18 @@ fn filter_chain_match(cx: &mut Cx, m: Msg) -> FilterChainMatch {
     for (v, p) in m.list(cx.sink, "source_ports") {
         match crate::json::parse_u64(cx.sink, &p, v) {
             Some(n @ 1..=65535) => fm.source_ports.push(n as u16),
-            Some(n) => cx
-                .sink
-                .error(p.as_str(), format!("source port {n} is out of range")),
+            Some(n) => cx.sink.error(p.as_str(), format!("source port {n} is out of range")),
             None => {}
         }
     }
-    if let Some(st) = m.enumeration(
-        cx.sink,
-        "source_type",
-        &[("ANY", 0u8), ("SAME_IP_OR_LOOPBACK", 1), ("EXTERNAL", 2)],
-    ) && st != 0
+    if let Some(st) =
+        m.enumeration(cx.sink, "source_type", &[("ANY", 0u8), ("SAME_IP_OR_LOOPBACK", 1), ("EXTERNAL", 2)])
+        && st != 0
     {
-        cx.sink.error(
-            m.path.field("source_type").as_str(),
-            "source_type matching is not implemented",
-        );
+        cx.sink.error(m.path.field("source_type").as_str(), "source_type matching is not implemented");
     }
-    fm.server_names = m
-        .strs(cx.sink, "server_names")
-        .into_iter()
-        .map(|s| s.to_ascii_lowercase())
-        .collect();
-    fm.transport_protocol = m
-        .str(cx.sink, "transport_protocol")
-        .filter(|s| !s.is_empty());
+    fm.server_names = m.strs(cx.sink, "server_names").into_iter().map(|s| s.to_ascii_lowercase()).collect();
+    fm.transport_protocol = m.str(cx.sink, "transport_protocol").filter(|s| !s.is_empty());
     if let Some(tp) = &fm.transport_protocol
         && tp != "raw_buffer"
         && tp != "tls"
@@ -458,43 +378,34 @@ fn http_connection_manager(
             ],
         )
         .unwrap_or(CodecType::Auto);
-    let (route_config_name, route_config) =
-        match m.oneof(cx.sink, &["rds", "route_config", "scoped_routes"]) {
-            Some("rds") => {
-                let r = m.msg(cx.sink, "rds", "Rds")?;
-                r.skip("config_source");
-                let path = r.path.field("route_config_name");
-                let name = r.str(cx.sink, "route_config_name").unwrap_or_default();
-                r.finish(cx.sink);
-                if name.is_empty() {
-                    cx.sink
-                        .error(path.as_str(), "rds without route_config_name");
-                    return None;
-                }
-                (cx.scope.qualify_forced(&name), None)
-            }
-            Some("route_config") => {
-                let rc = m.msg(cx.sink, "route_config", "RouteConfiguration")?;
-                let rc = route_configuration(cx, rc, source)?;
-                let name = if rc.name.is_empty() {
-                    format!("{listener}/{chain}/inline")
-                } else {
-                    rc.name.clone()
-                };
-                (name, Some(Arc::new(rc)))
-            }
-            Some(other) => {
-                m.unsupported(cx.sink, other, "scoped routes are not implemented");
+    let (route_config_name, route_config) = match m.oneof(cx.sink, &["rds", "route_config", "scoped_routes"]) {
+        Some("rds") => {
+            let r = m.msg(cx.sink, "rds", "Rds")?;
+            r.skip("config_source");
+            let path = r.path.field("route_config_name");
+            let name = r.str(cx.sink, "route_config_name").unwrap_or_default();
+            r.finish(cx.sink);
+            if name.is_empty() {
+                cx.sink.error(path.as_str(), "rds without route_config_name");
                 return None;
             }
-            None => {
-                cx.sink.error(
-                    m.path.as_str(),
-                    "HTTP connection manager needs `rds` or `route_config`",
-                );
-                return None;
-            }
-        };
+            (cx.scope.qualify_forced(&name), None)
+        }
+        Some("route_config") => {
+            let rc = m.msg(cx.sink, "route_config", "RouteConfiguration")?;
+            let rc = route_configuration(cx, rc, source)?;
+            let name = if rc.name.is_empty() { format!("{listener}/{chain}/inline") } else { rc.name.clone() };
+            (name, Some(Arc::new(rc)))
+        }
+        Some(other) => {
+            m.unsupported(cx.sink, other, "scoped routes are not implemented");
+            return None;
+        }
+        None => {
+            cx.sink.error(m.path.as_str(), "HTTP connection manager needs `rds` or `route_config`");
+            return None;
+        }
+    };
     let http_filters = http_filters(cx, &m);
 
     let mut h2 = Http2Options::default();
@@ -505,11 +416,7 @@ fn http_connection_manager(
         .msg(cx.sink, "http_protocol_options", "Http1ProtocolOptions")
         .map(|o| super::cluster::http1_options(cx, o))
         .unwrap_or(false);
-    m.unsupported(
-        cx.sink,
-        "http3_protocol_options",
-        "HTTP/3 is not implemented",
-    );
+    m.unsupported(cx.sink, "http3_protocol_options", "HTTP/3 is not implemented");
 
     let mut idle_timeout = Some(Duration::from_secs(3600));
     let mut max_connection_duration = None;
@@ -517,23 +424,13 @@ fn http_connection_manager(
     let mut max_requests_per_connection = None;
     let mut headers_with_underscores_action = HeadersWithUnderscoresAction::Allow;
     let mut max_headers_count = 100;
-    if let Some(c) = m.msg(
-        cx.sink,
-        "common_http_protocol_options",
-        "HttpProtocolOptions",
-    ) {
+    if let Some(c) = m.msg(cx.sink, "common_http_protocol_options", "HttpProtocolOptions") {
         if c.has("idle_timeout") {
             idle_timeout = c.duration(cx.sink, "idle_timeout").filter(|d| !d.is_zero());
         }
-        max_connection_duration = c
-            .duration(cx.sink, "max_connection_duration")
-            .filter(|d| !d.is_zero());
-        max_stream_duration = c
-            .duration(cx.sink, "max_stream_duration")
-            .filter(|d| !d.is_zero());
-        max_requests_per_connection = c
-            .u32(cx.sink, "max_requests_per_connection")
-            .filter(|n| *n > 0);
+        max_connection_duration = c.duration(cx.sink, "max_connection_duration").filter(|d| !d.is_zero());
+        max_stream_duration = c.duration(cx.sink, "max_stream_duration").filter(|d| !d.is_zero());
+        max_requests_per_connection = c.u32(cx.sink, "max_requests_per_connection").filter(|n| *n > 0);
         if let Some(n) = c.u32(cx.sink, "max_headers_count") {
             max_headers_count = n.max(1);
         }
@@ -542,10 +439,7 @@ fn http_connection_manager(
             "headers_with_underscores_action",
             &[
                 ("ALLOW", HeadersWithUnderscoresAction::Allow),
-                (
-                    "REJECT_REQUEST",
-                    HeadersWithUnderscoresAction::RejectRequest,
-                ),
+                ("REJECT_REQUEST", HeadersWithUnderscoresAction::RejectRequest),
                 ("DROP_HEADER", HeadersWithUnderscoresAction::DropHeader),
             ],
         ) {
@@ -566,40 +460,22 @@ fn http_connection_manager(
     }
     let generate_request_id = m.bool_or(cx.sink, "generate_request_id", true);
     let preserve_external_request_id = m.bool_or(cx.sink, "preserve_external_request_id", false);
-    let always_set_request_id_in_response =
-        m.bool_or(cx.sink, "always_set_request_id_in_response", false);
+    let always_set_request_id_in_response = m.bool_or(cx.sink, "always_set_request_id_in_response", false);
     m.skip("request_id_extension");
-    let stream_idle_timeout = timeout_field(
-        cx,
-        &m,
-        "stream_idle_timeout",
-        Some(Duration::from_secs(300)),
-    );
+    let stream_idle_timeout = timeout_field(cx, &m, "stream_idle_timeout", Some(Duration::from_secs(300)));
     let request_timeout = timeout_field(cx, &m, "request_timeout", None);
     let request_headers_timeout = timeout_field(cx, &m, "request_headers_timeout", None);
-    let drain_timeout = m
-        .duration(cx.sink, "drain_timeout")
-        .unwrap_or(Duration::from_secs(5));
-    let delayed_close_timeout = m
-        .duration(cx.sink, "delayed_close_timeout")
-        .unwrap_or(Duration::from_secs(1));
-    let max_request_headers_kb = m
-        .u32(cx.sink, "max_request_headers_kb")
-        .unwrap_or(60)
-        .clamp(1, 8192);
-    let server_name = m
-        .str(cx.sink, "server_name")
-        .unwrap_or_else(|| "envoy".to_string());
+    let drain_timeout = m.duration(cx.sink, "drain_timeout").unwrap_or(Duration::from_secs(5));
+    let delayed_close_timeout = m.duration(cx.sink, "delayed_close_timeout").unwrap_or(Duration::from_secs(1));
+    let max_request_headers_kb = m.u32(cx.sink, "max_request_headers_kb").unwrap_or(60).clamp(1, 8192);
+    let server_name = m.str(cx.sink, "server_name").unwrap_or_else(|| "envoy".to_string());
     let server_header_transformation = m
         .enumeration(
             cx.sink,
             "server_header_transformation",
             &[
                 ("OVERWRITE", ServerHeaderTransformation::Overwrite),
-                (
-                    "APPEND_IF_ABSENT",
-                    ServerHeaderTransformation::AppendIfAbsent,
-                ),
+                ("APPEND_IF_ABSENT", ServerHeaderTransformation::AppendIfAbsent),
                 ("PASS_THROUGH", ServerHeaderTransformation::PassThrough),
             ],
         )
@@ -611,26 +487,11 @@ fn http_connection_manager(
             cx.sink,
             "path_with_escaped_slashes_action",
             &[
-                (
-                    "IMPLEMENTATION_SPECIFIC_DEFAULT",
-                    PathWithEscapedSlashesAction::KeepUnchanged,
-                ),
-                (
-                    "KEEP_UNCHANGED",
-                    PathWithEscapedSlashesAction::KeepUnchanged,
-                ),
-                (
-                    "REJECT_REQUEST",
-                    PathWithEscapedSlashesAction::RejectRequest,
-                ),
-                (
-                    "UNESCAPE_AND_REDIRECT",
-                    PathWithEscapedSlashesAction::UnescapeAndRedirect,
-                ),
-                (
-                    "UNESCAPE_AND_FORWARD",
-                    PathWithEscapedSlashesAction::UnescapeAndForward,
-                ),
+                ("IMPLEMENTATION_SPECIFIC_DEFAULT", PathWithEscapedSlashesAction::KeepUnchanged),
+                ("KEEP_UNCHANGED", PathWithEscapedSlashesAction::KeepUnchanged),
+                ("REJECT_REQUEST", PathWithEscapedSlashesAction::RejectRequest),
+                ("UNESCAPE_AND_REDIRECT", PathWithEscapedSlashesAction::UnescapeAndRedirect),
+                ("UNESCAPE_AND_FORWARD", PathWithEscapedSlashesAction::UnescapeAndForward),
             ],
         )
         .unwrap_or(PathWithEscapedSlashesAction::KeepUnchanged);
@@ -643,9 +504,7 @@ fn http_connection_manager(
         }
     }
     let access_log = access_logs(cx, &m);
-    let tracing = m
-        .msg(cx.sink, "tracing", "Tracing")
-        .and_then(|t| tracing_config(cx, t));
+    let tracing = m.msg(cx.sink, "tracing", "Tracing").and_then(|t| tracing_config(cx, t));
     let via = m.str(cx.sink, "via").filter(|s| !s.is_empty());
 
     m.skip("stat_prefix");
@@ -657,31 +516,11 @@ fn http_connection_manager(
     m.skip("append_local_overload");
     m.skip("access_log_options");
     m.skip("local_reply_config_disabled");
-    m.unsupported(
-        cx.sink,
-        "local_reply_config",
-        "custom local replies are not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "forward_client_cert_details",
-        "XFCC handling is not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "set_current_client_cert_details",
-        "XFCC handling is not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "original_ip_detection_extensions",
-        "custom client IP detection is not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "early_header_mutation_extensions",
-        "early header mutations are not implemented",
-    );
+    m.unsupported(cx.sink, "local_reply_config", "custom local replies are not implemented");
+    m.unsupported(cx.sink, "forward_client_cert_details", "XFCC handling is not implemented");
+    m.unsupported(cx.sink, "set_current_client_cert_details", "XFCC handling is not implemented");
+    m.unsupported(cx.sink, "original_ip_detection_extensions", "custom client IP detection is not implemented");
+    m.unsupported(cx.sink, "early_header_mutation_extensions", "early header mutations are not implemented");
     m.unsupported(cx.sink, "scheme_header_transformation", "not implemented");
     m.unsupported(cx.sink, "strip_trailing_host_dot", "not implemented");
     m.unsupported(cx.sink, "typed_header_validation_config", "not implemented");
@@ -752,32 +591,21 @@ fn http_filters(cx: &mut Cx, m: &Msg) -> Vec<HttpFilter> {
         let typed = f.take("typed_config");
         let optional = f.bool_or(cx.sink, "is_optional", false);
         let disabled = f.bool_or(cx.sink, "disabled", false);
-        f.unsupported(
-            cx.sink,
-            "config_discovery",
-            "filter config discovery is not implemented",
-        );
+        f.unsupported(cx.sink, "config_discovery", "filter config discovery is not implemented");
         f.finish(cx.sink);
         if disabled {
             // Disabled by default and enabled per route: Sluice has no per-route enabling.
-            cx.sink.warning(
-                p.as_str(),
-                format!("HTTP filter {name} is disabled by default and is skipped"),
-            );
+            cx.sink.warning(p.as_str(), format!("HTTP filter {name} is disabled by default and is skipped"));
             continue;
         }
         let decoded = typed.and_then(|(tv, tp)| any(cx.sink, &tp, tv));
         // Old CECs name the router without a typed_config.
         let ty = match &decoded {
             Some((t, _, _)) => t.clone(),
-            None if matches!(name.as_str(), "envoy.filters.http.router" | "envoy.router") => {
-                ROUTER.to_string()
-            }
+            None if matches!(name.as_str(), "envoy.filters.http.router" | "envoy.router") => ROUTER.to_string(),
             None => String::new(),
         };
-        let body = decoded
-            .as_ref()
-            .and_then(|(t, val, vp)| Msg::new(cx.sink, leak_ty(t), vp.clone(), val));
+        let body = decoded.as_ref().and_then(|(t, val, vp)| Msg::new(cx.sink, leak_ty(t), vp.clone(), val));
         let filter = match ty.as_str() {
             ROUTER => {
                 let (mut suppress, mut child_span) = (false, false);
@@ -794,13 +622,9 @@ fn http_filters(cx: &mut Cx, m: &Msg) -> Vec<HttpFilter> {
                     b.finish(cx.sink);
                 }
                 if i + 1 != n {
-                    cx.sink
-                        .error(p.as_str(), "the router must be the last HTTP filter");
+                    cx.sink.error(p.as_str(), "the router must be the last HTTP filter");
                 }
-                Some(HttpFilter::Router {
-                    suppress_envoy_headers: suppress,
-                    start_child_span: child_span,
-                })
+                Some(HttpFilter::Router { suppress_envoy_headers: suppress, start_child_span: child_span })
             }
             "envoy.extensions.filters.http.grpc_web.v3.GrpcWeb" => {
                 if let Some(b) = body {
@@ -825,10 +649,7 @@ fn http_filters(cx: &mut Cx, m: &Msg) -> Vec<HttpFilter> {
                     b.skip("replace_dots_in_grpc_service_name");
                     b.finish(cx.sink);
                 }
-                Some(HttpFilter::GrpcStats {
-                    stats_for_all_methods: all,
-                    enable_upstream_stats: upstream,
-                })
+                Some(HttpFilter::GrpcStats { stats_for_all_methods: all, enable_upstream_stats: upstream })
             }
             "envoy.extensions.filters.http.cors.v3.Cors" => {
                 if let Some(b) = body {
@@ -866,7 +687,10 @@ fn http_filters(cx: &mut Cx, m: &Msg) -> Vec<HttpFilter> {
                     b.skip("denied_403_body");
                     b.finish(cx.sink);
                 }
-                cx.sink.warning(p.as_str(), "ignored cilium.l7policy: Cilium L7 policy is enforced by Cilium, not by Sluice");
+                cx.sink.warning(
+                    p.as_str(),
+                    "ignored cilium.l7policy: Cilium L7 policy is enforced by Cilium, not by Sluice",
+                );
                 None
             }
             other => {
@@ -874,26 +698,15 @@ fn http_filters(cx: &mut Cx, m: &Msg) -> Vec<HttpFilter> {
                     // Consume silently: the filter itself is what we report.
                     drop(b);
                 }
-                let what = if other.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{name} ({other})")
-                };
+                let what = if other.is_empty() { name.clone() } else { format!("{name} ({other})") };
                 if optional {
-                    cx.sink.warning(
-                        p.as_str(),
-                        format!("skipped optional HTTP filter {what}: not implemented"),
-                    );
+                    cx.sink.warning(p.as_str(), format!("skipped optional HTTP filter {what}: not implemented"));
                 } else {
                     cx.sink.error(
                         p.as_str(),
                         format!(
                             "unsupported HTTP filter {}",
-                            if name.is_empty() {
-                                other.to_string()
-                            } else {
-                                name.clone()
-                            }
+                            if name.is_empty() { other.to_string() } else { name.clone() }
                         ),
                     );
                 }
@@ -935,8 +748,7 @@ fn access_logs(cx: &mut Cx, m: &Msg) -> Vec<AccessLog> {
         let path = al.path.clone();
         al.finish(cx.sink);
         let Some((v, p)) = typed else {
-            cx.sink
-                .error(path.as_str(), "access log without typed_config");
+            cx.sink.error(path.as_str(), "access log without typed_config");
             continue;
         };
         let Some((ty, val, vp)) = any(cx.sink, &p, v) else {
@@ -951,7 +763,10 @@ fn access_logs(cx: &mut Cx, m: &Msg) -> Vec<AccessLog> {
             }
             "envoy.extensions.access_loggers.file.v3.FileAccessLog" => (None, "FileAccessLog"),
             other => {
-                cx.sink.warning(path.as_str(), format!("skipped access log {other}: only stdout, stderr and file loggers are implemented"));
+                cx.sink.warning(
+                    path.as_str(),
+                    format!("skipped access log {other}: only stdout, stderr and file loggers are implemented"),
+                );
                 continue;
             }
         };
@@ -963,8 +778,7 @@ fn access_logs(cx: &mut Cx, m: &Msg) -> Vec<AccessLog> {
             None => match body.str(cx.sink, "path") {
                 Some(p) => AccessLogSink::File(p),
                 None => {
-                    cx.sink
-                        .error(body.path.as_str(), "file access log without a path");
+                    cx.sink.error(body.path.as_str(), "file access log without a path");
                     body.finish(cx.sink);
                     continue;
                 }
@@ -998,11 +812,7 @@ fn access_logs(cx: &mut Cx, m: &Msg) -> Vec<AccessLog> {
             lf.skip("omit_empty_values");
             lf.skip("content_type");
             lf.skip("json_format_options");
-            lf.ignore(
-                cx.sink,
-                "formatters",
-                "formatter extensions are not implemented",
-            );
+            lf.ignore(cx.sink, "formatters", "formatter extensions are not implemented");
             lf.finish(cx.sink);
         }
         body.finish(cx.sink);
@@ -1037,21 +847,9 @@ fn tracing_config(cx: &mut Cx, m: Msg) -> Option<Tracing> {
             l.finish(cx.sink);
             t.custom_tags.push((name, v));
         }
-        tag.ignore(
-            cx.sink,
-            "request_header",
-            "only literal custom tags are implemented",
-        );
-        tag.ignore(
-            cx.sink,
-            "environment",
-            "only literal custom tags are implemented",
-        );
-        tag.ignore(
-            cx.sink,
-            "metadata",
-            "only literal custom tags are implemented",
-        );
+        tag.ignore(cx.sink, "request_header", "only literal custom tags are implemented");
+        tag.ignore(cx.sink, "environment", "only literal custom tags are implemented");
+        tag.ignore(cx.sink, "metadata", "only literal custom tags are implemented");
         tag.finish(cx.sink);
     }
     m.skip("verbose");
@@ -1071,9 +869,7 @@ fn tracing_config(cx: &mut Cx, m: Msg) -> Option<Tracing> {
                         e.skip("authority");
                         e.finish(cx.sink);
                         // Not qualified by Cilium: users write the full cluster name.
-                        cx.refs
-                            .clusters
-                            .push((c.clone(), g.path.field("envoy_grpc").to_string()));
+                        cx.refs.clusters.push((c.clone(), g.path.field("envoy_grpc").to_string()));
                         t.collector_cluster = Some(c);
                     }
                     g.skip("timeout");
@@ -1086,9 +882,7 @@ fn tracing_config(cx: &mut Cx, m: Msg) -> Option<Tracing> {
                         u.skip("uri");
                         u.skip("timeout");
                         let c = u.str(cx.sink, "cluster").unwrap_or_default();
-                        cx.refs
-                            .clusters
-                            .push((c.clone(), u.path.field("cluster").to_string()));
+                        cx.refs.clusters.push((c.clone(), u.path.field("cluster").to_string()));
                         t.collector_cluster = Some(c);
                         u.finish(cx.sink);
                     }
@@ -1096,27 +890,15 @@ fn tracing_config(cx: &mut Cx, m: Msg) -> Option<Tracing> {
                     h.finish(cx.sink);
                 }
                 t.service_name = o.str(cx.sink, "service_name").filter(|s| !s.is_empty());
-                o.ignore(
-                    cx.sink,
-                    "resource_detectors",
-                    "the node-level resource is used",
-                );
-                o.ignore(
-                    cx.sink,
-                    "sampler",
-                    "the node-level sampler and random_sampling are used",
-                );
+                o.ignore(cx.sink, "resource_detectors", "the node-level resource is used");
+                o.ignore(cx.sink, "sampler", "the node-level sampler and random_sampling are used");
                 o.skip("max_cache_size");
                 o.finish(cx.sink);
             }
-            Some((ty, _, _)) => cx.sink.error(
-                ppath.as_str(),
-                format!("unsupported tracer {ty} ({name}); only envoy.tracers.opentelemetry"),
-            ),
-            None => cx.sink.error(
-                ppath.as_str(),
-                format!("tracer {name} without typed_config"),
-            ),
+            Some((ty, _, _)) => cx
+                .sink
+                .error(ppath.as_str(), format!("unsupported tracer {ty} ({name}); only envoy.tracers.opentelemetry")),
+            None => cx.sink.error(ppath.as_str(), format!("tracer {name} without typed_config")),
         }
     }
     m.finish(cx.sink);
@@ -1137,9 +919,7 @@ fn tcp_proxy(cx: &mut Cx, m: Msg) -> Option<TcpProxy> {
             let mut clusters = Vec::new();
             for c in w.msgs(cx.sink, "clusters", "ClusterWeight") {
                 let path = c.path.field("name");
-                let name = cx
-                    .scope
-                    .qualify(&c.str(cx.sink, "name").unwrap_or_default());
+                let name = cx.scope.qualify(&c.str(cx.sink, "name").unwrap_or_default());
                 let weight = c.u32(cx.sink, "weight").unwrap_or(0);
                 c.unsupported(cx.sink, "metadata_match", "not implemented");
                 c.finish(cx.sink);
@@ -1155,51 +935,36 @@ fn tcp_proxy(cx: &mut Cx, m: Msg) -> Option<TcpProxy> {
             w.finish(cx.sink);
             let total: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
             if clusters.is_empty() || total == 0 || total > u64::from(u32::MAX) {
-                cx.sink.error(
-                    m.path.field("weighted_clusters").as_str(),
-                    "weighted clusters need positive weights",
-                );
+                cx.sink.error(m.path.field("weighted_clusters").as_str(), "weighted clusters need positive weights");
                 return None;
             }
-            ClusterSpecifier::Weighted(WeightedClusters {
-                clusters,
-                total_weight: total as u32,
-            })
+            ClusterSpecifier::Weighted(WeightedClusters { clusters, total_weight: total as u32 })
         }
         _ => {
-            cx.sink.error(
-                m.path.as_str(),
-                "tcp_proxy needs `cluster` or `weighted_clusters`",
-            );
+            cx.sink.error(m.path.as_str(), "tcp_proxy needs `cluster` or `weighted_clusters`");
             return None;
         }
     };
     let idle_timeout = timeout_field(cx, &m, "idle_timeout", Some(Duration::from_secs(3600)));
     let max_connect_attempts = m.u32(cx.sink, "max_connect_attempts").unwrap_or(1).max(1);
-    let tunneling = m
-        .msg(cx.sink, "tunneling_config", "TunnelingConfig")
-        .and_then(|t| {
-            let hpath = t.path.field("hostname");
-            let hostname = t.str(cx.sink, "hostname").unwrap_or_default();
-            let use_post = t.bool_or(cx.sink, "use_post", false);
-            let mut headers_to_add = Vec::new();
-            for h in t.msgs(cx.sink, "headers_to_add", "HeaderValueOption") {
-                if let Some(a) = header_value_option(cx, h) {
-                    headers_to_add.push(a);
-                }
+    let tunneling = m.msg(cx.sink, "tunneling_config", "TunnelingConfig").and_then(|t| {
+        let hpath = t.path.field("hostname");
+        let hostname = t.str(cx.sink, "hostname").unwrap_or_default();
+        let use_post = t.bool_or(cx.sink, "use_post", false);
+        let mut headers_to_add = Vec::new();
+        for h in t.msgs(cx.sink, "headers_to_add", "HeaderValueOption") {
+            if let Some(a) = header_value_option(cx, h) {
+                headers_to_add.push(a);
             }
-            t.skip("propagate_response_headers");
-            t.skip("propagate_response_trailers");
-            t.skip("post_path");
-            t.skip("request_id_extension");
-            t.finish(cx.sink);
-            let hostname = header_template(cx, &hpath, &hostname)?;
-            Some(TunnelingConfig {
-                hostname,
-                use_post,
-                headers_to_add,
-            })
-        });
+        }
+        t.skip("propagate_response_headers");
+        t.skip("propagate_response_trailers");
+        t.skip("post_path");
+        t.skip("request_id_extension");
+        t.finish(cx.sink);
+        let hostname = header_template(cx, &hpath, &hostname)?;
+        Some(TunnelingConfig { hostname, use_post, headers_to_add })
+    });
     let access_log = access_logs(cx, &m);
     m.skip("access_log_options");
     m.skip("access_log_flush_interval");
@@ -1210,21 +975,10 @@ fn tcp_proxy(cx: &mut Cx, m: Msg) -> Option<TcpProxy> {
         "hash_policy",
         "hash-based selection for TCP is not implemented; the cluster's lb_policy applies",
     );
-    m.unsupported(
-        cx.sink,
-        "metadata_match",
-        "subset load balancing is not implemented",
-    );
+    m.unsupported(cx.sink, "metadata_match", "subset load balancing is not implemented");
     m.unsupported(cx.sink, "on_demand", "not implemented");
     m.skip("upstream_connect_mode");
     m.skip("backoff_options");
     m.finish(cx.sink);
-    Some(TcpProxy {
-        stat_prefix,
-        cluster,
-        idle_timeout,
-        max_connect_attempts,
-        tunneling,
-        access_log,
-    })
+    Some(TcpProxy { stat_prefix, cluster, idle_timeout, max_connect_attempts, tunneling, access_log })
 }

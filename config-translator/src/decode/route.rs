@@ -19,40 +19,21 @@ pub fn route_configuration(cx: &mut Cx, m: Msg, source: &str) -> Option<RouteCon
             virtual_hosts.push(Arc::new(v));
         }
     }
-    let request_headers = header_mutations(
-        cx,
-        &m,
-        "request_headers_to_add",
-        "request_headers_to_remove",
-    );
-    let response_headers = header_mutations(
-        cx,
-        &m,
-        "response_headers_to_add",
-        "response_headers_to_remove",
-    );
+    let request_headers = header_mutations(cx, &m, "request_headers_to_add", "request_headers_to_remove");
+    let response_headers = header_mutations(cx, &m, "response_headers_to_add", "response_headers_to_remove");
     let mut internal_only_headers = Vec::new();
     for (v, p) in m.list(cx.sink, "internal_only_headers") {
         if let Some(n) = v.as_str().and_then(|s| header_name(cx, &p, s)) {
             internal_only_headers.push(n);
         }
     }
-    let most_specific_header_mutations_wins =
-        m.bool_or(cx.sink, "most_specific_header_mutations_wins", false);
+    let most_specific_header_mutations_wins = m.bool_or(cx.sink, "most_specific_header_mutations_wins", false);
     let ignore_port_in_host_matching = m.bool_or(cx.sink, "ignore_port_in_host_matching", false);
     m.skip("validate_clusters");
     m.skip("max_direct_response_body_size_bytes");
     m.skip("metadata");
-    m.unsupported(
-        cx.sink,
-        "vhds",
-        "on-demand virtual host discovery is not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "cluster_specifier_plugins",
-        "cluster specifier plugins are not implemented",
-    );
+    m.unsupported(cx.sink, "vhds", "on-demand virtual host discovery is not implemented");
+    m.unsupported(cx.sink, "cluster_specifier_plugins", "cluster specifier plugins are not implemented");
     m.reject_unless_default(
         cx.sink,
         "typed_per_filter_config",
@@ -63,11 +44,7 @@ pub fn route_configuration(cx: &mut Cx, m: Msg, source: &str) -> Option<RouteCon
         "request_mirror_policies",
         "route-configuration-level mirroring is not implemented; set it on routes",
     );
-    m.reject_unless_default(
-        cx.sink,
-        "ignore_path_parameters_in_path_matching",
-        "not implemented",
-    );
+    m.reject_unless_default(cx.sink, "ignore_path_parameters_in_path_matching", "not implemented");
     let path = m.path.clone();
     m.finish(cx.sink);
 
@@ -116,10 +93,8 @@ fn build_vhost_index(cx: &mut Cx, path: &Path, vhosts: &[Arc<VirtualHost>]) -> V
         }
     }
     // Longest wildcard first; ties keep configuration order (stable sort).
-    idx.suffixes
-        .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-    idx.prefixes
-        .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    idx.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    idx.prefixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
     idx
 }
 
@@ -128,8 +103,7 @@ fn virtual_host(cx: &mut Cx, m: Msg) -> Option<VirtualHost> {
     let name = cx.scope.qualify_forced(&raw_name);
     let domains = m.strs(cx.sink, "domains");
     if domains.is_empty() {
-        cx.sink
-            .error(m.path.as_str(), "virtual host without domains");
+        cx.sink.error(m.path.as_str(), "virtual host without domains");
     }
     let mut routes = Vec::new();
     for (i, r) in m.msgs(cx.sink, "routes", "Route").into_iter().enumerate() {
@@ -137,58 +111,28 @@ fn virtual_host(cx: &mut Cx, m: Msg) -> Option<VirtualHost> {
             routes.push(route);
         }
     }
-    let request_headers = header_mutations(
-        cx,
-        &m,
-        "request_headers_to_add",
-        "request_headers_to_remove",
-    );
-    let response_headers = header_mutations(
-        cx,
-        &m,
-        "response_headers_to_add",
-        "response_headers_to_remove",
-    );
-    let retry_policy = m
-        .msg(cx.sink, "retry_policy", "RetryPolicy")
-        .and_then(|r| retry_policy(cx, r))
-        .map(Arc::new);
+    let request_headers = header_mutations(cx, &m, "request_headers_to_add", "request_headers_to_remove");
+    let response_headers = header_mutations(cx, &m, "response_headers_to_add", "response_headers_to_remove");
+    let retry_policy = m.msg(cx.sink, "retry_policy", "RetryPolicy").and_then(|r| retry_policy(cx, r)).map(Arc::new);
     let require_tls = m
         .enumeration(
             cx.sink,
             "require_tls",
-            &[
-                ("NONE", RequireTls::None),
-                ("EXTERNAL_ONLY", RequireTls::ExternalOnly),
-                ("ALL", RequireTls::All),
-            ],
+            &[("NONE", RequireTls::None), ("EXTERNAL_ONLY", RequireTls::ExternalOnly), ("ALL", RequireTls::All)],
         )
         .unwrap_or(RequireTls::None);
     let include_request_attempt_count = m.bool_or(cx.sink, "include_request_attempt_count", false);
-    let include_attempt_count_in_response =
-        m.bool_or(cx.sink, "include_attempt_count_in_response", false);
+    let include_attempt_count_in_response = m.bool_or(cx.sink, "include_attempt_count_in_response", false);
     let (cors, _disabled) = per_filter_configs(cx, &m);
-    m.unsupported(
-        cx.sink,
-        "cors",
-        "the deprecated `cors` field is not supported; use typed_per_filter_config",
-    );
+    m.unsupported(cx.sink, "cors", "the deprecated `cors` field is not supported; use typed_per_filter_config");
     m.unsupported(cx.sink, "rate_limits", "rate limiting is not implemented");
-    m.unsupported(
-        cx.sink,
-        "hedge_policy",
-        "request hedging is not implemented",
-    );
+    m.unsupported(cx.sink, "hedge_policy", "request hedging is not implemented");
     m.reject_unless_default(
         cx.sink,
         "request_mirror_policies",
         "virtual-host-level mirroring is not implemented; set it on routes",
     );
-    m.ignore(
-        cx.sink,
-        "virtual_clusters",
-        "virtual cluster statistics are not implemented",
-    );
+    m.ignore(cx.sink, "virtual_clusters", "virtual cluster statistics are not implemented");
     m.skip("metadata");
     m.skip("per_request_buffer_limit_bytes");
     m.finish(cx.sink);
@@ -214,8 +158,7 @@ fn per_filter_configs(cx: &mut Cx, m: &Msg) -> (Option<Arc<CorsPolicy>>, Vec<Str
         return (None, disabled);
     };
     let Some(obj) = v.as_object() else {
-        cx.sink
-            .error(path.as_str(), "expected a map of filter name to config");
+        cx.sink.error(path.as_str(), "expected a map of filter name to config");
         return (None, disabled);
     };
     for (filter, cfg) in obj {
@@ -233,11 +176,7 @@ fn per_filter_configs(cx: &mut Cx, m: &Msg) -> (Option<Arc<CorsPolicy>>, Vec<Str
                 if let Some(msg) = Msg::new(cx.sink, "FilterConfig", vp, val) {
                     let off = msg.bool_or(cx.sink, "disabled", false);
                     msg.skip("is_optional");
-                    msg.unsupported(
-                        cx.sink,
-                        "config",
-                        "per-route filter configuration is not implemented",
-                    );
+                    msg.unsupported(cx.sink, "config", "per-route filter configuration is not implemented");
                     msg.finish(cx.sink);
                     if off {
                         disabled.push(filter.clone());
@@ -254,10 +193,9 @@ fn per_filter_configs(cx: &mut Cx, m: &Msg) -> (Option<Arc<CorsPolicy>>, Vec<Str
                     msg.finish(cx.sink);
                 }
             }
-            other => cx.sink.error(
-                p.as_str(),
-                format!("unsupported per-route configuration {other} for filter {filter}"),
-            ),
+            other => {
+                cx.sink.error(p.as_str(), format!("unsupported per-route configuration {other} for filter {filter}"))
+            }
         }
     }
     (cors, disabled)
@@ -270,14 +208,9 @@ fn cors_policy(cx: &mut Cx, m: Msg) -> Option<CorsPolicy> {
             allow_origin.push(s);
         }
     }
-    let filter_enabled = m
-        .msg(cx.sink, "filter_enabled", "RuntimeFractionalPercent")
-        .and_then(|f| runtime_fraction(cx, f));
-    m.unsupported(
-        cx.sink,
-        "shadow_enabled",
-        "CORS shadow mode is not implemented",
-    );
+    let filter_enabled =
+        m.msg(cx.sink, "filter_enabled", "RuntimeFractionalPercent").and_then(|f| runtime_fraction(cx, f));
+    m.unsupported(cx.sink, "shadow_enabled", "CORS shadow mode is not implemented");
     let p = CorsPolicy {
         allow_origin,
         allow_methods: m.str(cx.sink, "allow_methods"),
@@ -286,11 +219,7 @@ fn cors_policy(cx: &mut Cx, m: Msg) -> Option<CorsPolicy> {
         max_age: m.str(cx.sink, "max_age"),
         allow_credentials: m.bool_or(cx.sink, "allow_credentials", false),
         allow_private_network_access: m.bool_or(cx.sink, "allow_private_network_access", false),
-        forward_not_matching_preflights: m.bool_or(
-            cx.sink,
-            "forward_not_matching_preflights",
-            true,
-        ),
+        forward_not_matching_preflights: m.bool_or(cx.sink, "forward_not_matching_preflights", true),
         filter_enabled,
     };
     m.finish(cx.sink);
@@ -298,66 +227,36 @@ fn cors_policy(cx: &mut Cx, m: Msg) -> Option<CorsPolicy> {
 }
 
 fn route(cx: &mut Cx, m: Msg, vhost: &str, index: usize) -> Option<Route> {
-    let name = m
-        .str(cx.sink, "name")
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| format!("{vhost}/{index}"));
-    let matcher = m
-        .msg(cx.sink, "match", "RouteMatch")
-        .and_then(|mm| route_match(cx, mm));
+    let name = m.str(cx.sink, "name").filter(|n| !n.is_empty()).unwrap_or_else(|| format!("{vhost}/{index}"));
+    let matcher = m.msg(cx.sink, "match", "RouteMatch").and_then(|mm| route_match(cx, mm));
     if !m.has("match") {
         cx.sink.error(m.path.as_str(), "route without `match`");
     }
-    let action = match m.oneof(
-        cx.sink,
-        &[
-            "route",
-            "redirect",
-            "direct_response",
-            "filter_action",
-            "non_forwarding_action",
-        ],
-    ) {
+    let action = match m
+        .oneof(cx.sink, &["route", "redirect", "direct_response", "filter_action", "non_forwarding_action"])
+    {
         Some("route") => m
             .msg(cx.sink, "route", "RouteAction")
             .and_then(|a| forward_action(cx, a))
             .map(|a| RouteAction::Forward(Box::new(a))),
-        Some("redirect") => m
-            .msg(cx.sink, "redirect", "RedirectAction")
-            .and_then(|a| redirect_action(cx, a))
-            .map(RouteAction::Redirect),
+        Some("redirect") => {
+            m.msg(cx.sink, "redirect", "RedirectAction").and_then(|a| redirect_action(cx, a)).map(RouteAction::Redirect)
+        }
         Some("direct_response") => m
             .msg(cx.sink, "direct_response", "DirectResponseAction")
             .and_then(|a| direct_response(cx, a))
             .map(RouteAction::DirectResponse),
         Some(other) => {
-            m.unsupported(
-                cx.sink,
-                other,
-                "only route, redirect and direct_response actions are implemented",
-            );
+            m.unsupported(cx.sink, other, "only route, redirect and direct_response actions are implemented");
             None
         }
         None => {
-            cx.sink.error(
-                m.path.as_str(),
-                "route without an action (route, redirect or direct_response)",
-            );
+            cx.sink.error(m.path.as_str(), "route without an action (route, redirect or direct_response)");
             None
         }
     };
-    let request_headers = header_mutations(
-        cx,
-        &m,
-        "request_headers_to_add",
-        "request_headers_to_remove",
-    );
-    let response_headers = header_mutations(
-        cx,
-        &m,
-        "response_headers_to_add",
-        "response_headers_to_remove",
-    );
+    let request_headers = header_mutations(cx, &m, "request_headers_to_add", "request_headers_to_remove");
+    let response_headers = header_mutations(cx, &m, "response_headers_to_add", "response_headers_to_remove");
     let (cors, disabled_filters) = per_filter_configs(cx, &m);
     let decorator_operation = m.msg(cx.sink, "decorator", "Decorator").and_then(|d| {
         let op = d.str(cx.sink, "operation");
@@ -373,11 +272,7 @@ fn route(cx: &mut Cx, m: Msg, vhost: &str, index: usize) -> Option<Route> {
         "per-route tracing overrides are not implemented; the connection manager's tracing applies",
     );
     m.skip("per_request_buffer_limit_bytes");
-    m.unsupported(
-        cx.sink,
-        "request_headers_to_add_before_route",
-        "not implemented",
-    );
+    m.unsupported(cx.sink, "request_headers_to_add_before_route", "not implemented");
     m.finish(cx.sink);
     Some(Route {
         name,
@@ -395,14 +290,7 @@ fn route_match(cx: &mut Cx, m: Msg) -> Option<RouteMatch> {
     let case_sensitive = m.bool_or(cx.sink, "case_sensitive", true);
     let path = match m.oneof(
         cx.sink,
-        &[
-            "prefix",
-            "path",
-            "safe_regex",
-            "connect_matcher",
-            "path_separated_prefix",
-            "path_match_policy",
-        ],
+        &["prefix", "path", "safe_regex", "connect_matcher", "path_separated_prefix", "path_match_policy"],
     ) {
         Some("prefix") => PathMatch::Prefix(m.str(cx.sink, "prefix")?),
         Some("path") => PathMatch::Path(m.str(cx.sink, "path")?),
@@ -419,21 +307,25 @@ fn route_match(cx: &mut Cx, m: Msg) -> Option<RouteMatch> {
             let path = m.path.field("path_separated_prefix");
             // Envoy: must start with '/', must not end with '/', no '?' or '#'.
             if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) || p.contains(['?', '#']) {
-                cx.sink.error(path.as_str(), format!("invalid path_separated_prefix {p:?}: must start with '/', not end with '/', and carry no query"));
+                cx.sink.error(
+                    path.as_str(),
+                    format!(
+                        "invalid path_separated_prefix {p:?}: must start with '/', not end with '/', and carry no query"
+                    ),
+                );
                 return None;
             }
             PathMatch::PathSeparatedPrefix(p)
         }
         Some(other) => {
-            m.unsupported(
-                cx.sink,
-                other,
-                "path match policies (URI templates) are not implemented",
-            );
+            m.unsupported(cx.sink, other, "path match policies (URI templates) are not implemented");
             return None;
         }
         None => {
-            cx.sink.error(m.path.as_str(), "route match without a path specifier (prefix, path, safe_regex, path_separated_prefix)");
+            cx.sink.error(
+                m.path.as_str(),
+                "route match without a path specifier (prefix, path, safe_regex, path_separated_prefix)",
+            );
             return None;
         }
     };
@@ -442,64 +334,34 @@ fn route_match(cx: &mut Cx, m: Msg) -> Option<RouteMatch> {
     for q in m.msgs(cx.sink, "query_parameters", "QueryParameterMatcher") {
         let name = q.str(cx.sink, "name").unwrap_or_default();
         let string_match = match q.oneof(cx.sink, &["string_match", "present_match"]) {
-            Some("string_match") => q
-                .msg(cx.sink, "string_match", "StringMatcher")
-                .and_then(|s| string_matcher(cx, s)),
+            Some("string_match") => q.msg(cx.sink, "string_match", "StringMatcher").and_then(|s| string_matcher(cx, s)),
             Some("present_match") => {
                 if q.bool(cx.sink, "present_match") == Some(false) {
-                    cx.sink
-                        .error(q.path.as_str(), "present_match: false is not meaningful");
+                    cx.sink.error(q.path.as_str(), "present_match: false is not meaningful");
                 }
                 None
             }
             _ => None,
         };
         if name.is_empty() {
-            cx.sink
-                .error(q.path.as_str(), "query parameter matcher without a name");
+            cx.sink.error(q.path.as_str(), "query parameter matcher without a name");
         }
         q.finish(cx.sink);
         query_parameters.push(QueryParameterMatcher { name, string_match });
     }
-    let grpc = m
-        .msg(cx.sink, "grpc", "GrpcRouteMatchOptions")
-        .map(|g| g.finish(cx.sink))
-        .is_some();
-    let runtime_fraction = m
-        .msg(cx.sink, "runtime_fraction", "RuntimeFractionalPercent")
-        .and_then(|f| runtime_fraction(cx, f));
-    let tls_presented = m
-        .msg(cx.sink, "tls_context", "TlsContextMatchOptions")
-        .and_then(|t| {
-            let presented = t.bool(cx.sink, "presented");
-            t.unsupported(
-                cx.sink,
-                "validated",
-                "matching on client certificate validation is not implemented",
-            );
-            t.finish(cx.sink);
-            presented
-        });
-    m.unsupported(
-        cx.sink,
-        "dynamic_metadata",
-        "dynamic metadata matching is not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "filter_state",
-        "filter state matching is not implemented",
-    );
+    let grpc = m.msg(cx.sink, "grpc", "GrpcRouteMatchOptions").map(|g| g.finish(cx.sink)).is_some();
+    let runtime_fraction =
+        m.msg(cx.sink, "runtime_fraction", "RuntimeFractionalPercent").and_then(|f| runtime_fraction(cx, f));
+    let tls_presented = m.msg(cx.sink, "tls_context", "TlsContextMatchOptions").and_then(|t| {
+        let presented = t.bool(cx.sink, "presented");
+        t.unsupported(cx.sink, "validated", "matching on client certificate validation is not implemented");
+        t.finish(cx.sink);
+        presented
+    });
+    m.unsupported(cx.sink, "dynamic_metadata", "dynamic metadata matching is not implemented");
+    m.unsupported(cx.sink, "filter_state", "filter state matching is not implemented");
     m.finish(cx.sink);
-    Some(RouteMatch {
-        path,
-        case_sensitive,
-        headers,
-        query_parameters,
-        grpc,
-        runtime_fraction,
-        tls_presented,
-    })
+    Some(RouteMatch { path, case_sensitive, headers, query_parameters, grpc, runtime_fraction, tls_presented })
 }
 
 fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
@@ -529,11 +391,7 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
             ClusterSpecifier::Weighted(weighted_clusters(cx, w)?)
         }
         Some(other) => {
-            m.unsupported(
-                cx.sink,
-                other,
-                "cluster specifier plugins are not implemented",
-            );
+            m.unsupported(cx.sink, other, "cluster specifier plugins are not implemented");
             return None;
         }
         None => {
@@ -544,59 +402,26 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
             return None;
         }
     };
-    m.reject_unless_default(
-        cx.sink,
-        "cluster_not_found_response_code",
-        "only the default (503) is implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "metadata_match",
-        "subset load balancing is not implemented",
-    );
+    m.reject_unless_default(cx.sink, "cluster_not_found_response_code", "only the default (503) is implemented");
+    m.unsupported(cx.sink, "metadata_match", "subset load balancing is not implemented");
     let prefix_rewrite = m.str(cx.sink, "prefix_rewrite");
-    let rewrite = m
-        .msg(cx.sink, "regex_rewrite", "RegexMatchAndSubstitute")
-        .and_then(|r| regex_rewrite(cx, r));
+    let rewrite = m.msg(cx.sink, "regex_rewrite", "RegexMatchAndSubstitute").and_then(|r| regex_rewrite(cx, r));
     if prefix_rewrite.is_some() && rewrite.is_some() {
-        cx.sink.error(
-            m.path.as_str(),
-            "prefix_rewrite and regex_rewrite are mutually exclusive",
-        );
+        cx.sink.error(m.path.as_str(), "prefix_rewrite and regex_rewrite are mutually exclusive");
     }
-    m.unsupported(
-        cx.sink,
-        "path_rewrite_policy",
-        "URI template rewrites are not implemented",
-    );
+    m.unsupported(cx.sink, "path_rewrite_policy", "URI template rewrites are not implemented");
     let host_rewrite = match m.oneof(
         cx.sink,
-        &[
-            "host_rewrite_literal",
-            "auto_host_rewrite",
-            "host_rewrite_header",
-            "host_rewrite_path_regex",
-        ],
+        &["host_rewrite_literal", "auto_host_rewrite", "host_rewrite_header", "host_rewrite_path_regex"],
     ) {
-        Some("host_rewrite_literal") => m
-            .str(cx.sink, "host_rewrite_literal")
-            .map(HostRewrite::Literal),
-        Some("auto_host_rewrite") => m
-            .bool(cx.sink, "auto_host_rewrite")
-            .filter(|b| *b)
-            .map(|_| HostRewrite::Auto),
+        Some("host_rewrite_literal") => m.str(cx.sink, "host_rewrite_literal").map(HostRewrite::Literal),
+        Some("auto_host_rewrite") => m.bool(cx.sink, "auto_host_rewrite").filter(|b| *b).map(|_| HostRewrite::Auto),
         Some("host_rewrite_header") => {
             let path = m.path.field("host_rewrite_header");
-            m.str(cx.sink, "host_rewrite_header")
-                .and_then(|h| header_name(cx, &path, &h))
-                .map(HostRewrite::Header)
+            m.str(cx.sink, "host_rewrite_header").and_then(|h| header_name(cx, &path, &h)).map(HostRewrite::Header)
         }
         Some("host_rewrite_path_regex") => m
-            .msg(
-                cx.sink,
-                "host_rewrite_path_regex",
-                "RegexMatchAndSubstitute",
-            )
+            .msg(cx.sink, "host_rewrite_path_regex", "RegexMatchAndSubstitute")
             .and_then(|r| regex_rewrite(cx, r))
             .map(HostRewrite::PathRegex),
         _ => None,
@@ -604,10 +429,7 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
     m.unsupported(cx.sink, "append_x_forwarded_host", "not implemented");
     let timeout = duration_or_default(cx, &m, "timeout", Some(Duration::from_secs(15)));
     let idle_timeout = duration_or_default(cx, &m, "idle_timeout", None);
-    let retry_policy = m
-        .msg(cx.sink, "retry_policy", "RetryPolicy")
-        .and_then(|r| retry_policy(cx, r))
-        .map(Arc::new);
+    let retry_policy = m.msg(cx.sink, "retry_policy", "RetryPolicy").and_then(|r| retry_policy(cx, r)).map(Arc::new);
     m.unsupported(cx.sink, "retry_policy_typed_config", "not implemented");
     let mut request_mirror_policies = Vec::new();
     for mp in m.msgs(cx.sink, "request_mirror_policies", "RequestMirrorPolicy") {
@@ -617,16 +439,8 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
             .msg(cx.sink, "runtime_fraction", "RuntimeFractionalPercent")
             .and_then(|f| runtime_fraction(cx, f))
             .unwrap_or(Fraction::ALL);
-        mp.ignore(
-            cx.sink,
-            "trace_sampled",
-            "mirrored requests inherit the sampling decision",
-        );
-        mp.unsupported(
-            cx.sink,
-            "cluster_header",
-            "mirroring to a cluster named by a header is not implemented",
-        );
+        mp.ignore(cx.sink, "trace_sampled", "mirrored requests inherit the sampling decision");
+        mp.unsupported(cx.sink, "cluster_header", "mirroring to a cluster named by a header is not implemented");
         mp.skip("disable_shadow_host_suffix_append");
         mp.finish(cx.sink);
         if let Some(cluster) = cluster {
@@ -643,11 +457,7 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
             hash_policy.push(h);
         }
     }
-    m.unsupported(
-        cx.sink,
-        "cors",
-        "the deprecated `cors` field is not supported; use typed_per_filter_config",
-    );
+    m.unsupported(cx.sink, "cors", "the deprecated `cors` field is not supported; use typed_per_filter_config");
     let max_grpc_timeout = m.duration(cx.sink, "max_grpc_timeout");
     let grpc_timeout_offset = m.duration(cx.sink, "grpc_timeout_offset");
     let mut upgrade_configs = Vec::new();
@@ -656,33 +466,15 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
             upgrade_configs.push(uc);
         }
     }
-    m.unsupported(
-        cx.sink,
-        "internal_redirect_policy",
-        "internal redirects are not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "internal_redirect_action",
-        "internal redirects are not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "max_internal_redirects",
-        "internal redirects are not implemented",
-    );
-    m.unsupported(
-        cx.sink,
-        "hedge_policy",
-        "request hedging is not implemented",
-    );
+    m.unsupported(cx.sink, "internal_redirect_policy", "internal redirects are not implemented");
+    m.unsupported(cx.sink, "internal_redirect_action", "internal redirects are not implemented");
+    m.unsupported(cx.sink, "max_internal_redirects", "internal redirects are not implemented");
+    m.unsupported(cx.sink, "hedge_policy", "request hedging is not implemented");
     let mut max_stream_duration = None;
     let mut grpc_timeout_header_max = max_grpc_timeout;
     let mut grpc_timeout_header_offset = grpc_timeout_offset;
     if let Some(msd) = m.msg(cx.sink, "max_stream_duration", "MaxStreamDuration") {
-        max_stream_duration = msd
-            .duration(cx.sink, "max_stream_duration")
-            .filter(|d| !d.is_zero());
+        max_stream_duration = msd.duration(cx.sink, "max_stream_duration").filter(|d| !d.is_zero());
         if let Some(d) = msd.duration(cx.sink, "grpc_timeout_header_max") {
             grpc_timeout_header_max = Some(d);
         }
@@ -711,12 +503,7 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
 }
 
 /// A duration where `0s` disables the timer (returns `None`) and absence gives the default.
-fn duration_or_default(
-    cx: &mut Cx,
-    m: &Msg,
-    name: &str,
-    default: Option<Duration>,
-) -> Option<Duration> {
+fn duration_or_default(cx: &mut Cx, m: &Msg, name: &str, default: Option<Duration>) -> Option<Duration> {
     if !m.has(name) {
         m.skip(name);
         return default;
@@ -730,11 +517,7 @@ pub fn upgrade_config(cx: &mut Cx, u: Msg) -> Option<UpgradeConfig> {
     let mut connect_allow_post = false;
     if let Some(c) = u.msg(cx.sink, "connect_config", "ConnectConfig") {
         connect_allow_post = c.bool_or(cx.sink, "allow_post", false);
-        c.unsupported(
-            cx.sink,
-            "proxy_protocol_config",
-            "PROXY protocol on CONNECT upstreams is not implemented",
-        );
+        c.unsupported(cx.sink, "proxy_protocol_config", "PROXY protocol on CONNECT upstreams is not implemented");
         c.finish(cx.sink);
     }
     u.skip("filters");
@@ -742,11 +525,7 @@ pub fn upgrade_config(cx: &mut Cx, u: Msg) -> Option<UpgradeConfig> {
     if upgrade_type.is_empty() {
         return None;
     }
-    Some(UpgradeConfig {
-        upgrade_type: upgrade_type.to_ascii_lowercase(),
-        enabled,
-        connect_allow_post,
-    })
+    Some(UpgradeConfig { upgrade_type: upgrade_type.to_ascii_lowercase(), enabled, connect_allow_post })
 }
 
 fn weighted_clusters(cx: &mut Cx, m: Msg) -> Option<WeightedClusters> {
@@ -756,97 +535,53 @@ fn weighted_clusters(cx: &mut Cx, m: Msg) -> Option<WeightedClusters> {
         let name = match c.str(cx.sink, "name") {
             Some(n) if !n.is_empty() => cx.scope.qualify(&n),
             _ => {
-                c.unsupported(
-                    cx.sink,
-                    "cluster_header",
-                    "weighted clusters named by a header are not implemented",
-                );
-                cx.sink
-                    .error(c.path.as_str(), "weighted cluster without a name");
+                c.unsupported(cx.sink, "cluster_header", "weighted clusters named by a header are not implemented");
+                cx.sink.error(c.path.as_str(), "weighted cluster without a name");
                 c.finish(cx.sink);
                 continue;
             }
         };
         cx.refs.clusters.push((name.clone(), path.to_string()));
         let weight = c.u32(cx.sink, "weight").unwrap_or(0);
-        let request_headers = header_mutations(
-            cx,
-            &c,
-            "request_headers_to_add",
-            "request_headers_to_remove",
-        );
-        let response_headers = header_mutations(
-            cx,
-            &c,
-            "response_headers_to_add",
-            "response_headers_to_remove",
-        );
+        let request_headers = header_mutations(cx, &c, "request_headers_to_add", "request_headers_to_remove");
+        let response_headers = header_mutations(cx, &c, "response_headers_to_add", "response_headers_to_remove");
         let host_rewrite_literal = c.str(cx.sink, "host_rewrite_literal");
-        c.unsupported(
-            cx.sink,
-            "metadata_match",
-            "subset load balancing is not implemented",
-        );
+        c.unsupported(cx.sink, "metadata_match", "subset load balancing is not implemented");
         c.reject_unless_default(
             cx.sink,
             "typed_per_filter_config",
             "per-cluster filter configuration is not implemented",
         );
         c.finish(cx.sink);
-        clusters.push(WeightedCluster {
-            name,
-            weight,
-            request_headers,
-            response_headers,
-            host_rewrite_literal,
-        });
+        clusters.push(WeightedCluster { name, weight, request_headers, response_headers, host_rewrite_literal });
     }
     let sum: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
     let total_path = m.path.field("total_weight");
     let total = m.u32(cx.sink, "total_weight");
     m.skip("runtime_key_prefix");
-    m.unsupported(
-        cx.sink,
-        "header_name",
-        "weighted cluster selection by header is not implemented",
-    );
+    m.unsupported(cx.sink, "header_name", "weighted cluster selection by header is not implemented");
     m.skip("random_value_specifier");
     m.finish(cx.sink);
     if clusters.is_empty() {
-        cx.sink.error(
-            m_path_str(&total_path),
-            "weighted_clusters without clusters",
-        );
+        cx.sink.error(m_path_str(&total_path), "weighted_clusters without clusters");
         return None;
     }
     if sum == 0 {
-        cx.sink.error(
-            m_path_str(&total_path),
-            "the weights of weighted_clusters sum to 0",
-        );
+        cx.sink.error(m_path_str(&total_path), "the weights of weighted_clusters sum to 0");
         return None;
     }
     if sum > u64::from(u32::MAX) {
-        cx.sink.error(
-            m_path_str(&total_path),
-            "the weights of weighted_clusters overflow 32 bits",
-        );
+        cx.sink.error(m_path_str(&total_path), "the weights of weighted_clusters overflow 32 bits");
         return None;
     }
     if let Some(t) = total
         && t != 0
         && u64::from(t) != sum
     {
-        cx.sink.error(
-            total_path.as_str(),
-            format!("total_weight is {t} but the cluster weights sum to {sum}"),
-        );
+        cx.sink.error(total_path.as_str(), format!("total_weight is {t} but the cluster weights sum to {sum}"));
         return None;
     }
-    Some(WeightedClusters {
-        clusters,
-        total_weight: sum as u32,
-    })
+    Some(WeightedClusters { clusters, total_weight: sum as u32 })
 }
 
 fn m_path_str(total_path: &Path) -> &str {
@@ -856,15 +591,10 @@ fn m_path_str(total_path: &Path) -> &str {
 }
 
 pub fn regex_rewrite(cx: &mut Cx, m: Msg) -> Option<RegexRewrite> {
-    let pattern = m
-        .msg(cx.sink, "pattern", "RegexMatcher")
-        .and_then(|p| regex_matcher(cx, p));
+    let pattern = m.msg(cx.sink, "pattern", "RegexMatcher").and_then(|p| regex_matcher(cx, p));
     let substitution = m.str(cx.sink, "substitution").unwrap_or_default();
     m.finish(cx.sink);
-    Some(RegexRewrite {
-        pattern: pattern?,
-        substitution: convert_substitution(&substitution),
-    })
+    Some(RegexRewrite { pattern: pattern?, substitution: convert_substitution(&substitution) })
 }
 
 /// RE2's `\1` backreferences become the regex crate's `${1}`; a literal `$` is escaped.
@@ -893,22 +623,12 @@ fn convert_substitution(s: &str) -> String {
 
 fn hash_policy_entry(cx: &mut Cx, m: Msg) -> Option<HashPolicy> {
     let terminal = m.bool_or(cx.sink, "terminal", false);
-    let out = match m.oneof(
-        cx.sink,
-        &[
-            "header",
-            "cookie",
-            "connection_properties",
-            "query_parameter",
-            "filter_state",
-        ],
-    ) {
+    let out = match m.oneof(cx.sink, &["header", "cookie", "connection_properties", "query_parameter", "filter_state"])
+    {
         Some("header") => {
             let h = m.msg(cx.sink, "header", "Header")?;
             let path = h.path.field("header_name");
-            let name = h
-                .str(cx.sink, "header_name")
-                .and_then(|n| header_name(cx, &path, &n));
+            let name = h.str(cx.sink, "header_name").and_then(|n| header_name(cx, &path, &n));
             h.unsupported(cx.sink, "regex_rewrite", "not implemented");
             h.finish(cx.sink);
             name.map(|name| HashPolicy::Header { name, terminal })
@@ -916,11 +636,7 @@ fn hash_policy_entry(cx: &mut Cx, m: Msg) -> Option<HashPolicy> {
         Some("cookie") => {
             let c = m.msg(cx.sink, "cookie", "Cookie")?;
             let name = c.str(cx.sink, "name");
-            c.unsupported(
-                cx.sink,
-                "ttl",
-                "generating affinity cookies is not implemented",
-            );
+            c.unsupported(cx.sink, "ttl", "generating affinity cookies is not implemented");
             c.skip("path");
             c.finish(cx.sink);
             name.map(|name| HashPolicy::Cookie { name, terminal })
@@ -970,10 +686,7 @@ pub fn retry_policy(cx: &mut Cx, m: Msg) -> Option<RetryPolicy> {
                 "unavailable" => &mut retry_on.grpc_unavailable,
                 "internal" => &mut retry_on.grpc_internal,
                 other => {
-                    cx.sink.error(
-                        on_path.as_str(),
-                        format!("unknown retry_on condition {other:?}"),
-                    );
+                    cx.sink.error(on_path.as_str(), format!("unknown retry_on condition {other:?}"));
                     continue;
                 }
             };
@@ -981,42 +694,30 @@ pub fn retry_policy(cx: &mut Cx, m: Msg) -> Option<RetryPolicy> {
         }
     }
     let num_retries = m.u32(cx.sink, "num_retries").unwrap_or(1);
-    let per_try_timeout = m
-        .duration(cx.sink, "per_try_timeout")
-        .filter(|d| !d.is_zero());
-    let per_try_idle_timeout = m
-        .duration(cx.sink, "per_try_idle_timeout")
-        .filter(|d| !d.is_zero());
+    let per_try_timeout = m.duration(cx.sink, "per_try_timeout").filter(|d| !d.is_zero());
+    let per_try_idle_timeout = m.duration(cx.sink, "per_try_idle_timeout").filter(|d| !d.is_zero());
     let mut retriable_status_codes = Vec::new();
     for (v, p) in m.list(cx.sink, "retriable_status_codes") {
         match crate::json::parse_u64(cx.sink, &p, v) {
             Some(c @ 100..=599) => retriable_status_codes.push(c as u16),
-            Some(c) => cx
-                .sink
-                .error(p.as_str(), format!("{c} is not an HTTP status code")),
+            Some(c) => cx.sink.error(p.as_str(), format!("{c} is not an HTTP status code")),
             None => {}
         }
     }
-    let (mut back_off_base, mut back_off_max) =
-        (Duration::from_millis(25), Duration::from_millis(250));
+    let (mut back_off_base, mut back_off_max) = (Duration::from_millis(25), Duration::from_millis(250));
     if let Some(b) = m.msg(cx.sink, "retry_back_off", "RetryBackOff") {
         let base_path = b.path.field("base_interval");
         if let Some(base) = b.duration(cx.sink, "base_interval") {
             if base.is_zero() {
-                cx.sink.error(
-                    base_path.as_str(),
-                    "base_interval must be greater than zero",
-                );
+                cx.sink.error(base_path.as_str(), "base_interval must be greater than zero");
             }
             back_off_base = base;
             back_off_max = base * 10;
         }
         if let Some(max) = b.duration(cx.sink, "max_interval") {
             if max < back_off_base {
-                cx.sink.error(
-                    b.path.field("max_interval").as_str(),
-                    "max_interval must not be less than base_interval",
-                );
+                cx.sink
+                    .error(b.path.field("max_interval").as_str(), "max_interval must not be less than base_interval");
             }
             back_off_max = max;
         }
@@ -1024,23 +725,14 @@ pub fn retry_policy(cx: &mut Cx, m: Msg) -> Option<RetryPolicy> {
     }
     let retriable_headers = header_matchers(cx, &m, "retriable_headers");
     let retriable_request_headers = header_matchers(cx, &m, "retriable_request_headers");
-    let host_selection_retry_max_attempts = m
-        .u64(cx.sink, "host_selection_retry_max_attempts")
-        .unwrap_or(1) as u32;
+    let host_selection_retry_max_attempts = m.u64(cx.sink, "host_selection_retry_max_attempts").unwrap_or(1) as u32;
     for (v, p) in m.list(cx.sink, "retry_host_predicate") {
         let name = v.get("name").and_then(Value::as_str).unwrap_or("");
         if name != "envoy.retry_host_predicates.previous_hosts" {
-            cx.sink.error(
-                p.as_str(),
-                format!("unsupported retry host predicate {name:?} (only previous_hosts)"),
-            );
+            cx.sink.error(p.as_str(), format!("unsupported retry host predicate {name:?} (only previous_hosts)"));
         }
     }
-    m.unsupported(
-        cx.sink,
-        "retry_priority",
-        "retry priorities are not implemented",
-    );
+    m.unsupported(cx.sink, "retry_priority", "retry priorities are not implemented");
     m.unsupported(cx.sink, "rate_limited_retry_back_off", "not implemented");
     m.unsupported(cx.sink, "retry_options_predicates", "not implemented");
     m.finish(cx.sink);
@@ -1060,13 +752,8 @@ pub fn retry_policy(cx: &mut Cx, m: Msg) -> Option<RetryPolicy> {
 
 fn redirect_action(cx: &mut Cx, m: Msg) -> Option<Redirect> {
     let scheme = match m.oneof(cx.sink, &["https_redirect", "scheme_redirect"]) {
-        Some("https_redirect") => m
-            .bool(cx.sink, "https_redirect")
-            .filter(|b| *b)
-            .map(|_| "https".to_string()),
-        Some("scheme_redirect") => m
-            .str(cx.sink, "scheme_redirect")
-            .map(|s| s.to_ascii_lowercase()),
+        Some("https_redirect") => m.bool(cx.sink, "https_redirect").filter(|b| *b).map(|_| "https".to_string()),
+        Some("scheme_redirect") => m.str(cx.sink, "scheme_redirect").map(|s| s.to_ascii_lowercase()),
         _ => None,
     };
     let host = m.str(cx.sink, "host_redirect");
@@ -1075,15 +762,11 @@ fn redirect_action(cx: &mut Cx, m: Msg) -> Option<Redirect> {
         Some(0) | None => None,
         Some(p) if p <= 65535 => Some(p as u16),
         Some(p) => {
-            cx.sink
-                .error(port_path.as_str(), format!("port {p} is out of range"));
+            cx.sink.error(port_path.as_str(), format!("port {p} is out of range"));
             None
         }
     };
-    let path = match m.oneof(
-        cx.sink,
-        &["path_redirect", "prefix_rewrite", "regex_rewrite"],
-    ) {
+    let path = match m.oneof(cx.sink, &["path_redirect", "prefix_rewrite", "regex_rewrite"]) {
         Some("path_redirect") => PathRedirect::Path(m.str(cx.sink, "path_redirect")?),
         Some("prefix_rewrite") => PathRedirect::Prefix(m.str(cx.sink, "prefix_rewrite")?),
         Some("regex_rewrite") => {
@@ -1107,23 +790,13 @@ fn redirect_action(cx: &mut Cx, m: Msg) -> Option<Redirect> {
         .unwrap_or(301);
     let strip_query = m.bool_or(cx.sink, "strip_query", false);
     m.finish(cx.sink);
-    Some(Redirect {
-        scheme,
-        host,
-        port,
-        path,
-        response_code,
-        strip_query,
-    })
+    Some(Redirect { scheme, host, port, path, response_code, strip_query })
 }
 
 fn direct_response(cx: &mut Cx, m: Msg) -> Option<DirectResponse> {
     let status_path = m.path.field("status");
     let status = m.u32(cx.sink, "status").unwrap_or(0);
-    let body = match m
-        .msg(cx.sink, "body", "DataSource")
-        .and_then(|d| data_source(cx, d))
-    {
+    let body = match m.msg(cx.sink, "body", "DataSource").and_then(|d| data_source(cx, d)) {
         Some(DataSource::Inline(b)) => Some(bytes::Bytes::from(b)),
         Some(other) => {
             cx.sink.error(
@@ -1137,16 +810,10 @@ fn direct_response(cx: &mut Cx, m: Msg) -> Option<DirectResponse> {
     m.unsupported(cx.sink, "body_format", "body formatting is not implemented");
     m.finish(cx.sink);
     if !(200..=599).contains(&status) {
-        cx.sink.error(
-            status_path.as_str(),
-            format!("direct response status {status} must be within 200..599"),
-        );
+        cx.sink.error(status_path.as_str(), format!("direct response status {status} must be within 200..599"));
         return None;
     }
-    Some(DirectResponse {
-        status: status as u16,
-        body,
-    })
+    Some(DirectResponse { status: status as u16, body })
 }
 
 #[cfg(test)]
