@@ -1,0 +1,1 @@
+"""The Sluice vs Envoy load-test harness; the entry point is benches/loadtest.py."""

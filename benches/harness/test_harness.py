@@ -1,0 +1,179 @@
+"""Unit tests of the harness's pure parts: output parsers, statistics, report, generator.
+
+    python3 -m unittest discover -s benches -p 'test_*.py'
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gen_routes  # noqa: E402
+from harness import report  # noqa: E402
+from harness.loadgen import ParseError, parse_h2load, parse_wrk, percentile  # noqa: E402
+from harness.report import Round, Row  # noqa: E402
+from harness.workloads import GRPC_BODY, write_grpc_body  # noqa: E402
+
+WRK_OUT = """\
+Running 3s test @ http://127.0.0.1:10080/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   398.31us  214.53us   4.69ms   93.30%
+    Req/Sec   107.37k     8.08k  124.31k    73.33%
+  Latency Distribution
+     50%  409.00us
+     75%  467.00us
+     90%  520.00us
+     99%    1.05ms
+  320190 requests in 3.01s, 344.44MB read
+  Non-2xx or 3xx responses: 7
+  Socket errors: connect 0, read 2, write 0, timeout 1
+Requests/sec: 106527.07
+Transfer/sec:    114.60MB
+"""
+
+H2LOAD_OUT = """\
+finished in 3.00s, 97817.33 req/s, 98.04MB/s
+requests: 293452 total, 293552 started, 293452 done, 293450 succeeded, 2 failed, 0 errored, 0 timeout
+status codes: 293450 2xx, 0 3xx, 0 4xx, 2 5xx
+traffic: 294.13MB (308419712) total, 2.52MB (2642178) headers (space savings 89.15%)
+"""
+
+
+class ParserTests(unittest.TestCase):
+    def test_wrk(self) -> None:
+        r = parse_wrk(WRK_OUT)
+        self.assertEqual(r.requests, 320190)
+        self.assertAlmostEqual(r.duration_s, 3.01)
+        self.assertAlmostEqual(r.rps, 106527.07)
+        self.assertAlmostEqual(r.p50_ms, 0.409)
+        self.assertAlmostEqual(r.p99_ms, 1.05)
+        self.assertEqual(r.errors["non_2xx_3xx"], 7)
+        self.assertEqual(r.error_summary(), "non_2xx_3xx=7, read=2, timeout=1")
+
+    def test_wrk_clean_run_has_no_errors(self) -> None:
+        clean = re.sub(r"  (Non-2xx|Socket errors).*\n", "", WRK_OUT)
+        self.assertEqual(parse_wrk(clean).error_summary(), "")
+
+    def test_wrk_garbage(self) -> None:
+        with self.assertRaises(ParseError):
+            parse_wrk("unable to connect to 127.0.0.1:10080 Connection refused")
+
+    def test_h2load(self) -> None:
+        r = parse_h2load(H2LOAD_OUT, [3.0, 1.0, 2.0, 4.0])
+        self.assertEqual(r.requests, 293450)
+        self.assertAlmostEqual(r.rps, 97817.33)
+        self.assertEqual(r.p50_ms, 2.0)
+        self.assertEqual(r.p99_ms, 4.0)
+        self.assertEqual(r.error_summary(), "failed=2, 5xx=2")
+
+    def test_percentile_nearest_rank(self) -> None:
+        values = [float(v) for v in range(1, 101)]
+        self.assertEqual(percentile(values, 50), 50.0)
+        self.assertEqual(percentile(values, 99), 99.0)
+        self.assertEqual(percentile([7.0], 99), 7.0)
+        self.assertIsNone(percentile([], 50))
+
+
+def _row(proxy: str, rps: list[float], rss: float) -> Row:
+    rounds = [
+        Round(index=i + 1, ok=True, rps=v, p50_ms=1.0, p99_ms=2.0, cpu_per_10k=1e4 / v,
+              idle_rss_mib=rss, peak_rss_mib=rss * 2)
+        for i, v in enumerate(rps)
+    ]  # fmt: skip
+    return Row(workload="http1", proxy=proxy, rounds=rounds)
+
+
+class ReportTests(unittest.TestCase):
+    def table(self) -> dict[str, dict[str, Row]]:
+        sluice = _row("sluice", [30_000, 31_000, 29_000], 8.0)
+        sluice.rounds.append(Round(index=4, ok=False, error="sanity check: 404"))
+        return {
+            "http1": {
+                "sluice": sluice,
+                "envoy": _row("envoy", [10_000, 12_000, 11_000], 64.0),
+                "direct": Row(workload="http1", proxy="direct", unavailable="no reason"),
+            }
+        }
+
+    def test_medians_ignore_failed_rounds(self) -> None:
+        row = self.table()["http1"]["sluice"]
+        self.assertEqual(row.median("rps"), 30_000)
+        self.assertAlmostEqual(row.spread("rps"), 1_000 / 30_000)
+
+    def test_ratios(self) -> None:
+        rows = self.table()["http1"]
+        self.assertAlmostEqual(report.ratio(rows, "rps"), 30_000 / 11_000)
+        self.assertAlmostEqual(report.ratio(rows, "idle_rss_mib"), 0.125)
+        self.assertIsNone(report.ratio({"sluice": rows["sluice"]}, "rps"))
+
+    def test_markdown(self) -> None:
+        meta = {
+            "date": "2026-01-01 00:00 UTC",
+            "command": "python3 benches/loadtest.py --quick",
+            "machine": {"cpu_model": "Test CPU", "cpus": "2", "kernel": "6.0"},
+            "versions": {"envoy": "1.40.0"},
+            "settings": {"proxies": ["sluice", "envoy", "direct"], "rounds": 3,
+                         "duration_s": 2, "warmup_s": 1, "body_bytes": 1024,
+                         "proxy_cpu": 0, "load_cpu": 1, "pinned": True},
+        }  # fmt: skip
+        workloads = [{"name": "http1", "description": "d", "config": "c", "command": "wrk x"}]
+        text = report.markdown(meta, workloads, self.table())
+        self.assertIn("| http1 | sluice | 30,000 ±3% |", text)
+        self.assertIn("**direct not available:** no reason", text)
+        self.assertIn("| http1 | 2.73 ✅ |", text)  # req/s ratio vs target 1.5
+        self.assertIn("sluice round 4: sanity check: 404", text)
+        self.assertIn("`python3 benches/loadtest.py --quick`", text)
+
+    def test_publish_keeps_hand_written_notes(self) -> None:
+        new = f"table v2\n{report.NOTES_BEGIN}\n{report.NOTES_PLACEHOLDER}\n{report.NOTES_END}\n"
+        old = f"table v1\n{report.NOTES_BEGIN}\nflamegraph says: parsing\n{report.NOTES_END}\n"
+        merged = report.carry_notes(new, old)
+        self.assertIn("table v2", merged)
+        self.assertIn("flamegraph says: parsing", merged)
+        self.assertNotIn(report.NOTES_PLACEHOLDER, merged)
+        self.assertEqual(report.carry_notes(new, "no markers"), new)
+
+    @unittest.skipUnless(importlib.util.find_spec("matplotlib"), "matplotlib not installed")
+    def test_chart_is_a_png(self) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "ratios.png"
+            report.chart(path, self.table())
+            self.assertEqual(path.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+
+
+class GeneratorTests(unittest.TestCase):
+    def test_routes_are_deterministic_with_the_target_near_the_end(self) -> None:
+        text = gen_routes.render(100)
+        self.assertEqual(text, gen_routes.render(100))
+        routes = [line for line in text.splitlines() if line.strip().startswith("- match:")]
+        self.assertEqual(len(routes), 100)
+        target = [i for i, line in enumerate(routes) if gen_routes.TARGET_PATH in line]
+        self.assertEqual(target, [100 - gen_routes.TARGET_FROM_END])
+        for kind in ("path:", "prefix:", "x-tenant", "safe_regex"):
+            self.assertTrue(any(kind in r for r in routes), kind)
+
+    def test_too_few_routes(self) -> None:
+        with self.assertRaises(ValueError):
+            gen_routes.render(gen_routes.TARGET_FROM_END)
+
+
+class GrpcBodyTests(unittest.TestCase):
+    def test_length_prefixed_message(self) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            write_grpc_body(Path(d), payload_bytes=200)
+            frame = (Path(d) / GRPC_BODY).read_bytes()
+        self.assertEqual(frame[0], 0)
+        self.assertEqual(int.from_bytes(frame[1:5], "big"), len(frame) - 5)
+        # field 1, wire type 2, varint length 200 = 0xc8 0x01
+        self.assertEqual(frame[5:8], b"\x0a\xc8\x01")
+
+
+if __name__ == "__main__":
+    unittest.main()
