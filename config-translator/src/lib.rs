@@ -10,6 +10,7 @@
 pub mod decode;
 pub mod diag;
 pub mod document;
+pub mod envoy_export;
 pub mod json;
 pub mod k8s;
 pub mod model;

@@ -72,6 +72,8 @@ struct Cec {
     secrets: Vec<(String, Secret)>,
     /// (service key, port filter entries, listener to redirect to, path)
     services: Vec<(String, Vec<u16>, Option<String>, String)>,
+    /// Clusters that did not choose an upstream protocol.
+    default_protocol: Vec<String>,
     backend_services: Vec<(String, Vec<String>)>,
     /// Raw JSON of each named resource, for telling identical duplicates from conflicts.
     raw: HashMap<String, Value>,
@@ -306,6 +308,7 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         load_assignments: Vec::new(),
         secrets: Vec::new(),
         services: Vec::new(),
+        default_protocol: Vec::new(),
         backend_services: Vec::new(),
         raw: HashMap::new(),
         refs: Refs::default(),
@@ -423,9 +426,12 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
                 let Some(m) = Msg::new(cx.sink, "Cluster", vpath, val) else {
                     continue;
                 };
-                let Some(c) = cluster(&mut cx, m, &source) else {
+                let Some((c, explicit_protocol)) = cluster(&mut cx, m, &source) else {
                     continue;
                 };
+                if !explicit_protocol {
+                    out.default_protocol.push(c.name.clone());
+                }
                 let n = c.name.clone();
                 out.clusters.push(c);
                 ("cluster", n)
@@ -464,6 +470,24 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
     }
     spec.finish(cx.sink);
     out.refs = cx.refs;
+
+    // Cilium injects its filters, and with them an upstream protocol for clusters that set
+    // none, into CECs that redirect Services (or carry the inject annotation):
+    // `use_downstream_protocol_config{http2}`, or `auto_config` for TLS clusters.
+    let inject = doc
+        .value
+        .pointer("/metadata/annotations/cec.cilium.io~1inject-cilium-filters")
+        .and_then(Value::as_str)
+        .map(|v| v == "true")
+        .unwrap_or(!out.services.is_empty());
+    if inject && out.listeners.iter().any(|l| !l.listener.internal) {
+        for c in &mut out.clusters {
+            if out.default_protocol.contains(&c.name) {
+                c.protocol =
+                    if c.tls.is_some() { UpstreamProtocol::Auto } else { UpstreamProtocol::UseDownstream { h2: true } };
+            }
+        }
+    }
 
     // An internal listener reference must name an internal listener of this CEC.
     for (l, p) in &out.refs.internal_listeners {

@@ -27,7 +27,9 @@ pub fn default_circuit_breakers() -> CircuitBreakers {
     }
 }
 
-pub fn cluster(cx: &mut Cx, m: Msg, source: &str) -> Option<Cluster> {
+/// Decodes a cluster. The flag says whether the cluster chose its upstream protocol itself
+/// (Cilium fills one in for CECs that redirect Services when it did not).
+pub fn cluster(cx: &mut Cx, m: Msg, source: &str) -> Option<(Cluster, bool)> {
     let raw = m.str(cx.sink, "name").unwrap_or_default();
     let name = cx.scope.qualify(&raw);
     let type_path = m.path.field("type");
@@ -277,28 +279,32 @@ pub fn cluster(cx: &mut Cx, m: Msg, source: &str) -> Option<Cluster> {
         cx.sink.error("", "cluster without a name");
         return None;
     }
+    let explicit_protocol = proto.protocol.is_some();
     let (http2, protocol) = (proto.http2.clone(), proto.protocol.unwrap_or(UpstreamProtocol::Http1));
-    Some(Cluster {
-        name,
-        source: source.to_string(),
-        discovery,
-        connect_timeout,
-        lb_policy,
-        endpoints,
-        circuit_breakers,
-        outlier_detection,
-        protocol,
-        http2,
-        idle_timeout: proto.idle_timeout.unwrap_or(Some(Duration::from_secs(3600))),
-        max_requests_per_connection: proto.max_requests_per_connection,
-        max_connection_duration: proto.max_connection_duration,
-        tls,
-        dns_lookup_family,
-        dns_refresh_rate,
-        per_connection_buffer_limit_bytes,
-        healthy_panic_threshold,
-        close_connections_on_host_set_change,
-    })
+    Some((
+        Cluster {
+            name,
+            source: source.to_string(),
+            discovery,
+            connect_timeout,
+            lb_policy,
+            endpoints,
+            circuit_breakers,
+            outlier_detection,
+            protocol,
+            http2,
+            idle_timeout: proto.idle_timeout.unwrap_or(Some(Duration::from_secs(3600))),
+            max_requests_per_connection: proto.max_requests_per_connection,
+            max_connection_duration: proto.max_connection_duration,
+            tls,
+            dns_lookup_family,
+            dns_refresh_rate,
+            per_connection_buffer_limit_bytes,
+            healthy_panic_threshold,
+            close_connections_on_host_set_change,
+        },
+        explicit_protocol,
+    ))
 }
 
 #[derive(Default)]

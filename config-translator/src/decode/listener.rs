@@ -31,9 +31,12 @@ pub fn listener(cx: &mut Cx, m: Msg, source: &str) -> Option<ListenerDraft> {
             .or_else(|| v.pointer("/socketAddress/ipv4Compat"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        if let Some(am) = Msg::new(cx.sink, "Address", p, v)
+        if let Some(am) = Msg::new(cx.sink, "Address", p.clone(), v)
             && let Some(sa) = socket_address(cx, am)
         {
+            if sa.port() == 0 {
+                cx.sink.error(p.as_str(), "a listener address needs a port (port_value)");
+            }
             addresses.push(sa);
             // `[::]` with ipv4_compat also accepts IPv4; Sluice binds both explicitly.
             if compat && sa.ip().is_unspecified() && sa.is_ipv6() {
