@@ -1,0 +1,165 @@
+//! Process lifecycle: start the control plane, the workers and the admin servers; reload on
+//! configuration changes; drain and exit on SIGTERM or `/quitquitquit`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sluice_certs::CertStore;
+use tokio::sync::watch;
+
+use crate::admin::{self, AdminState};
+use crate::control::{ControlOptions, ControlPlane, SnapshotHub};
+use crate::metrics::Stats;
+use crate::runtime::{DataPlaneHooks, ListenerStatus, NoHooks, Shared, start_workers};
+use crate::upstream::ClusterManager;
+
+/// Where configuration comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Files(PathBuf),
+    Kubernetes,
+}
+
+/// Node-level settings (flags and environment).
+pub struct Config {
+    pub workers: usize,
+    pub admin_address: SocketAddr,
+    pub health_address: Option<SocketAddr>,
+    pub metrics_address: Option<SocketAddr>,
+    pub port_range: (u16, u16),
+    pub node_name: Option<String>,
+    pub node_labels: Option<BTreeMap<String, String>>,
+    pub secrets_namespaces: Vec<String>,
+    /// Changes the log filter at runtime (`/logging?level=`).
+    pub set_log_level: Option<Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>>,
+    pub hooks: Option<Arc<dyn DataPlaneHooks>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workers: 1,
+            admin_address: "127.0.0.1:9879".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9879))),
+            health_address: None,
+            metrics_address: None,
+            port_range: (10000, 20000),
+            node_name: None,
+            node_labels: None,
+            secrets_namespaces: vec!["cilium-secrets".into()],
+            set_log_level: None,
+            hooks: None,
+        }
+    }
+}
+
+/// Runs until shutdown. Blocks the calling thread (it becomes the control thread).
+pub fn run(source: Source, config: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the control runtime")?;
+    rt.block_on(run_async(source, config))
+}
+
+async fn run_async(source: Source, config: Config) -> Result<()> {
+    let hub = SnapshotHub::new();
+    let certs = Arc::new(CertStore::new());
+    let hooks: Arc<dyn DataPlaneHooks> = config.hooks.clone().unwrap_or_else(|| Arc::new(NoHooks));
+    let clusters = ClusterManager::new(Arc::new(crate::upstream_hooks::Hooks { certs: certs.clone(), datapath: hooks.clone() }));
+    let stats = Arc::new(Stats::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let mut control = ControlPlane::new(
+        ControlOptions { port_range: config.port_range, node_labels: config.node_labels.clone(), admin_address: Some(config.admin_address) },
+        hub.clone(),
+    );
+    {
+        let certs = certs.clone();
+        let clusters = clusters.clone();
+        control.on_snapshot(move |s| {
+            certs.update_secrets(&s.secrets);
+            clusters.update(s);
+        });
+    }
+
+    let shared = Arc::new(Shared {
+        hub: hub.clone(),
+        clusters: clusters.clone(),
+        certs: certs.clone(),
+        stats: stats.clone(),
+        hooks,
+        listener_status: ListenerStatus::default(),
+        hostname: hostname(),
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let admin_state = Arc::new(AdminState::new(shared.clone(), shutdown_tx.clone(), config.set_log_level.clone()));
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_address).await.with_context(|| format!("cannot bind the admin address {}", config.admin_address))?;
+    tokio::spawn(admin::serve(admin_listener, admin_state.clone(), admin::Surface::Admin));
+    if let Some(addr) = config.health_address {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind the health address {addr}"))?;
+        tokio::spawn(admin::serve(l, admin_state.clone(), admin::Surface::Health));
+    }
+    if let Some(addr) = config.metrics_address {
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind the metrics address {addr}"))?;
+        tokio::spawn(admin::serve(l, admin_state.clone(), admin::Surface::Metrics));
+    }
+
+    let workers = start_workers(shared.clone(), config.workers.max(1)).context("cannot start worker threads")?;
+
+    // Configuration source.
+    let mut source_task = match source {
+        Source::Files(path) => {
+            let (docs, errors) = crate::source::file::load(&path);
+            let outcome = control.apply(&docs, &errors);
+            if matches!(outcome, crate::control::ReloadOutcome::Refused { .. }) {
+                tracing::error!("the initial configuration could not be read; serving nothing until it is fixed");
+            }
+            admin_state.record_reload(&outcome);
+            admin_state.set_ready();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let watcher = crate::source::file::watch(&path, Duration::from_millis(150), tx).with_context(|| format!("cannot watch {}", path.display()))?;
+            let admin_state = admin_state.clone();
+            tokio::spawn(async move {
+                let _watcher = watcher;
+                while rx.recv().await.is_some() {
+                    let (docs, errors) = crate::source::file::load(&path);
+                    let outcome = control.apply(&docs, &errors);
+                    admin_state.record_reload(&outcome);
+                }
+            })
+        }
+        Source::Kubernetes => {
+            anyhow::bail!("Kubernetes mode is not available in this build yet");
+        }
+    };
+
+    let mut shutdown = shutdown_rx.clone();
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("signal received: draining"),
+        _ = shutdown.wait_for(|s| *s) => tracing::info!("shutdown requested: draining"),
+        _ = &mut source_task => tracing::error!("configuration source stopped"),
+    }
+    let _ = shutdown_tx.send(true);
+    for w in workers {
+        let _ = tokio::task::spawn_blocking(move || w.join()).await;
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}

@@ -1,0 +1,552 @@
+//! The HTTP connection manager layer: what Envoy's HCM does to every request before routing
+//! and to every response on the way out — client address detection (`x-forwarded-for`),
+//! `x-forwarded-proto`, `x-request-id`, hop-by-hop header removal, path normalisation, host
+//! port stripping, `server` and `via` headers — plus the request and stream timeouts.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use http::header::{self, HeaderName, HeaderValue};
+use arc_swap::ArcSwap;
+use futures_util::FutureExt;
+use http::{Request, Response, Uri};
+use sluice_config::model::{
+    CidrRange, HeadersWithUnderscoresAction, HttpConnectionManager, NetworkFilter, PathWithEscapedSlashesAction,
+    ServerHeaderTransformation,
+};
+use tower::{Layer, Service};
+
+use super::ctx::{ConnInfo, RequestCtx};
+use super::local_reply::{LocalReason, is_grpc, local_reply};
+use crate::body::Body;
+use crate::control::SnapshotHub;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward.
+pub const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
+
+/// The connection manager configuration a connection uses: the one its filter chain had
+/// at accept time, refreshed whenever a new snapshot changes it. Connections are never
+/// drained for a configuration change: the next request simply sees the new routes.
+pub struct ConnConfig {
+    hub: Arc<SnapshotHub>,
+    conn: Arc<ConnInfo>,
+    current: ArcSwap<HttpConnectionManager>,
+    generation: AtomicU64,
+}
+
+impl ConnConfig {
+    pub fn new(hub: Arc<SnapshotHub>, conn: Arc<ConnInfo>, hcm: Arc<HttpConnectionManager>) -> Arc<Self> {
+        let generation = AtomicU64::new(hub.generation());
+        Arc::new(ConnConfig { hub, conn, current: ArcSwap::new(hcm), generation })
+    }
+
+    /// One atomic load when nothing changed.
+    pub fn hcm(&self) -> Arc<HttpConnectionManager> {
+        let g = self.hub.generation();
+        if g != self.generation.load(Ordering::Acquire) {
+            let snap = self.hub.load();
+            let fresh = snap.listener(&self.conn.listener).and_then(|l| {
+                l.filter_chains.iter().chain(l.default_filter_chain.iter()).find(|c| *c.name == *self.conn.chain).and_then(|c| match &c.filter {
+                    NetworkFilter::HttpConnectionManager(h) => Some(h.clone()),
+                    _ => None,
+                })
+            });
+            // A chain that disappeared keeps its last configuration until the listener
+            // drains.
+            if let Some(h) = fresh {
+                self.current.store(h);
+            }
+            self.generation.store(g, Ordering::Release);
+        }
+        self.current.load_full()
+    }
+}
+
+#[derive(Clone)]
+pub struct ConnManagerLayer {
+    config: Arc<ConnConfig>,
+}
+
+impl ConnManagerLayer {
+    pub fn new(config: Arc<ConnConfig>) -> Self {
+        ConnManagerLayer { config }
+    }
+}
+
+impl<S> Layer<S> for ConnManagerLayer {
+    type Service = ConnManager<S>;
+    fn layer(&self, inner: S) -> ConnManager<S> {
+        ConnManager { inner, config: self.config.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct ConnManager<S> {
+    inner: S,
+    config: Arc<ConnConfig>,
+}
+
+impl<S> Service<Request<Body>> for ConnManager<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let hcm = self.config.hcm();
+        let conn = self.config.conn.clone();
+        let grpc = is_grpc(req.headers());
+        let ctx = match prepare(&mut req, &conn, &hcm) {
+            Ok(ctx) => ctx,
+            Err(reason) => {
+                let mut resp = local_reply(reason, grpc);
+                finish_response(&mut resp, &hcm, None);
+                return Box::pin(async move { Ok(resp) });
+            }
+        };
+        let request_id = if hcm.always_set_request_id_in_response { req.headers().get("x-request-id").cloned() } else { None };
+        let request_timeout = hcm.request_timeout;
+        req.extensions_mut().insert(ctx);
+        let fut = self.inner.call(req);
+        // Combinators, not an `async` block: see the router layer for why.
+        let finish = move |r: Result<Response<Body>, std::convert::Infallible>| {
+            let mut resp = r?;
+            finish_response(&mut resp, &hcm, request_id);
+            Ok(resp)
+        };
+        match request_timeout {
+            Some(t) => Box::pin(tokio::time::timeout(t, fut).map(move |r| match r {
+                Ok(r) => finish(r),
+                Err(_) => finish(Ok(local_reply(LocalReason::RequestTimeout, grpc))),
+            })),
+            None => Box::pin(fut.map(finish)),
+        }
+    }
+}
+
+/// Applies the connection manager's request-side semantics. An `Err` is answered locally.
+pub fn prepare(req: &mut Request<Body>, conn: &Arc<ConnInfo>, hcm: &Arc<HttpConnectionManager>) -> Result<RequestCtx, LocalReason> {
+    let downstream_h2 = req.version() == http::Version::HTTP_2;
+    let protocol = if downstream_h2 { "HTTP/2" } else if req.version() == http::Version::HTTP_10 { "HTTP/1.0" } else { "HTTP/1.1" };
+    let grpc = is_grpc(req.headers());
+
+    // HTTP/1.1 needs a Host; HTTP/2 carries :authority in the URI. Keep both in step so the
+    // rest of the path reads one place (the URI authority, mirrored in `host`).
+    normalize_authority(req)?;
+
+    // Hop-by-hop headers, including any named in `Connection`. An upgrade request keeps its
+    // `Upgrade`/`Connection` pair; the upgrade layer decides whether to honour it.
+    let upgrading = is_upgrade(req.headers());
+    strip_hop_by_hop(req.headers_mut(), upgrading);
+
+    headers_with_underscores(req, hcm.headers_with_underscores_action)?;
+
+    // Client address and XFF.
+    let peer_ip = conn.remote.ip();
+    let (client_ip, trusted) = client_address(req.headers(), peer_ip, hcm);
+    let internal = is_internal(client_ip, &hcm.internal_address_cidrs);
+    if hcm.use_remote_address && !hcm.skip_xff_append {
+        append_xff(req.headers_mut(), peer_ip);
+    }
+    if hcm.use_remote_address {
+        if internal {
+            req.headers_mut().insert("x-envoy-internal", HeaderValue::from_static("true"));
+        } else {
+            // Envoy strips its own control headers from external requests.
+            let drop: Vec<HeaderName> =
+                req.headers().keys().filter(|k| k.as_str().starts_with("x-envoy-")).cloned().collect();
+            for k in drop {
+                req.headers_mut().remove(k);
+            }
+        }
+    }
+    let _ = trusted;
+
+    // x-forwarded-proto: the edge (use_remote_address) sets it from the connection; behind a
+    // trusted hop it is preserved when present.
+    let conn_scheme = if conn.tls.is_some() { "https" } else { "http" };
+    let scheme = match req.headers().get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
+        Some(p) if !hcm.use_remote_address => {
+            if p.eq_ignore_ascii_case("https") {
+                "https"
+            } else {
+                "http"
+            }
+        }
+        _ => {
+            req.headers_mut().insert("x-forwarded-proto", HeaderValue::from_static(conn_scheme));
+            conn_scheme
+        }
+    };
+
+    // x-request-id.
+    if hcm.generate_request_id {
+        let present = req.headers().contains_key("x-request-id");
+        let external_edge = hcm.use_remote_address && !internal;
+        if !present || (external_edge && !hcm.preserve_external_request_id) {
+            req.headers_mut().insert("x-request-id", new_request_id());
+        }
+    }
+
+    normalize_path(req, hcm)?;
+    strip_host_port(req, hcm, conn.local.port());
+
+    if let Some(via) = &hcm.via
+        && let Ok(v) = HeaderValue::from_str(via)
+    {
+        req.headers_mut().append(header::VIA, v);
+    }
+
+    Ok(RequestCtx {
+        conn: conn.clone(),
+        hcm: hcm.clone(),
+        start: Instant::now(),
+        start_time: SystemTime::now(),
+        protocol,
+        downstream_h2,
+        grpc,
+        scheme,
+        internal,
+        client: SocketAddr::new(client_ip, conn.remote.port()),
+    })
+}
+
+/// Response-side semantics: `server`, `x-request-id`, `via`, and hop-by-hop removal.
+pub fn finish_response(resp: &mut Response<Body>, hcm: &HttpConnectionManager, request_id: Option<HeaderValue>) {
+    let upgrading = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), upgrading);
+    match hcm.server_header_transformation {
+        ServerHeaderTransformation::Overwrite => {
+            if let Ok(v) = HeaderValue::from_str(&hcm.server_name) {
+                resp.headers_mut().insert(header::SERVER, v);
+            }
+        }
+        ServerHeaderTransformation::AppendIfAbsent => {
+            if !resp.headers().contains_key(header::SERVER)
+                && let Ok(v) = HeaderValue::from_str(&hcm.server_name)
+            {
+                resp.headers_mut().insert(header::SERVER, v);
+            }
+        }
+        ServerHeaderTransformation::PassThrough => {}
+    }
+    if let Some(id) = request_id {
+        resp.headers_mut().insert("x-request-id", id);
+    }
+    if let Some(via) = &hcm.via
+        && let Ok(v) = HeaderValue::from_str(via)
+    {
+        resp.headers_mut().append(header::VIA, v);
+    }
+}
+
+pub fn is_upgrade(h: &http::HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+}
+
+pub fn strip_hop_by_hop(h: &mut http::HeaderMap, keep_upgrade: bool) {
+    // Headers nominated by `Connection` are hop-by-hop too.
+    let nominated: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in nominated {
+        h.remove(n);
+    }
+    for name in HOP_BY_HOP {
+        if keep_upgrade && (name == "connection" || name == "upgrade") {
+            continue;
+        }
+        if name == "te" {
+            // `te: trailers` is end-to-end for gRPC over HTTP/2; anything else is dropped.
+            if let Some(v) = h.get(header::TE)
+                && v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+            {
+                h.insert(header::TE, HeaderValue::from_static("trailers"));
+                continue;
+            }
+        }
+        h.remove(name);
+    }
+}
+
+fn normalize_authority(req: &mut Request<Body>) -> Result<(), LocalReason> {
+    let uri_auth = req.uri().authority().map(|a| a.as_str().to_string());
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let authority = match (uri_auth, host) {
+        (Some(a), _) => a,
+        (None, Some(h)) => h,
+        (None, None) => {
+            if req.version() == http::Version::HTTP_10 {
+                String::new()
+            } else {
+                return Err(LocalReason::BadRequest);
+            }
+        }
+    };
+    if !authority.is_empty() {
+        let v = HeaderValue::from_str(&authority).map_err(|_| LocalReason::BadRequest)?;
+        req.headers_mut().insert(header::HOST, v);
+    }
+    // The URI keeps only the path and query from here on; upstream URIs are built later.
+    if req.uri().authority().is_some() || req.uri().scheme().is_some() {
+        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        *req.uri_mut() = Uri::try_from(pq).map_err(|_| LocalReason::BadRequest)?;
+    }
+    Ok(())
+}
+
+fn headers_with_underscores(req: &mut Request<Body>, action: HeadersWithUnderscoresAction) -> Result<(), LocalReason> {
+    if action == HeadersWithUnderscoresAction::Allow {
+        return Ok(());
+    }
+    let bad: Vec<HeaderName> = req.headers().keys().filter(|k| k.as_str().contains('_')).cloned().collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    if action == HeadersWithUnderscoresAction::RejectRequest {
+        return Err(LocalReason::BadRequest);
+    }
+    for k in bad {
+        req.headers_mut().remove(k);
+    }
+    Ok(())
+}
+
+/// The client address: the peer with `use_remote_address`, otherwise the XFF entry
+/// `xff_num_trusted_hops` from the right (falling back to the peer).
+fn client_address(h: &http::HeaderMap, peer: IpAddr, hcm: &HttpConnectionManager) -> (IpAddr, bool) {
+    let xff: Vec<IpAddr> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    if hcm.use_remote_address {
+        if hcm.xff_num_trusted_hops == 0 || xff.is_empty() {
+            return (peer, true);
+        }
+        // With trusted hops at the edge, Envoy counts the peer as the first hop.
+        let n = hcm.xff_num_trusted_hops as usize;
+        return match xff.len().checked_sub(n) {
+            Some(i) => (xff[i], true),
+            None => (peer, false),
+        };
+    }
+    let n = hcm.xff_num_trusted_hops as usize + 1;
+    match xff.len().checked_sub(n) {
+        Some(i) => (xff[i], true),
+        None => (peer, false),
+    }
+}
+
+fn append_xff(h: &mut http::HeaderMap, ip: IpAddr) {
+    let ip = sluice_config::model::canonical_ip(ip);
+    let new = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev},{ip}"),
+        _ => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&new) {
+        h.remove("x-forwarded-for");
+        h.insert("x-forwarded-for", v);
+    }
+}
+
+/// Envoy's default: loopback, RFC 1918 and link-local are internal only when listed in
+/// `internal_address_config` (Envoy >= 1.33 defaults to none).
+fn is_internal(ip: IpAddr, cidrs: &[CidrRange]) -> bool {
+    cidrs.iter().any(|c| c.contains(ip))
+}
+
+fn new_request_id() -> HeaderValue {
+    let b: [u8; 16] = rand::random();
+    let mut s = [0u8; 36];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut j = 0;
+    for (i, byte) in b.iter().enumerate() {
+        // UUID v4: version and variant bits.
+        let byte = match i {
+            6 => (byte & 0x0f) | 0x40,
+            8 => (byte & 0x3f) | 0x80,
+            _ => *byte,
+        };
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s[j] = b'-';
+            j += 1;
+        }
+        s[j] = HEX[(byte >> 4) as usize];
+        s[j + 1] = HEX[(byte & 0xf) as usize];
+        j += 2;
+    }
+    // 36 ASCII hex/dash characters are always a valid header value.
+    HeaderValue::from_bytes(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// `normalize_path` (RFC 3986 dot-segment removal, percent-decoding of unreserved
+/// characters), `merge_slashes`, and `path_with_escaped_slashes_action`.
+fn normalize_path(req: &mut Request<Body>, hcm: &HttpConnectionManager) -> Result<(), LocalReason> {
+    if req.method() == http::Method::CONNECT {
+        return Ok(());
+    }
+    let Some(pq) = req.uri().path_and_query() else { return Ok(()) };
+    let path = pq.path();
+    let query = pq.query();
+    if !path.starts_with('/') && path != "*" {
+        return Err(LocalReason::BadRequest);
+    }
+    let escaped = path.contains("%2F") || path.contains("%2f") || path.contains("%5C") || path.contains("%5c");
+    let mut new = None;
+    if escaped {
+        match hcm.path_with_escaped_slashes_action {
+            PathWithEscapedSlashesAction::RejectRequest => return Err(LocalReason::BadRequest),
+            PathWithEscapedSlashesAction::UnescapeAndForward | PathWithEscapedSlashesAction::UnescapeAndRedirect => {
+                new = Some(path.replace("%2F", "/").replace("%2f", "/").replace("%5C", "\\").replace("%5c", "\\"));
+            }
+            PathWithEscapedSlashesAction::KeepUnchanged => {}
+        }
+    }
+    if hcm.normalize_path {
+        let p = new.as_deref().unwrap_or(path);
+        new = Some(remove_dot_segments(&decode_unreserved(p)));
+    }
+    if hcm.merge_slashes {
+        let p = new.as_deref().unwrap_or(path);
+        if p.contains("//") {
+            let mut out = String::with_capacity(p.len());
+            let mut prev = '\0';
+            for c in p.chars() {
+                if !(c == '/' && prev == '/') {
+                    out.push(c);
+                }
+                prev = c;
+            }
+            new = Some(out);
+        }
+    }
+    if let Some(p) = new
+        && p != path
+    {
+        let full = match query {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        };
+        *req.uri_mut() = Uri::try_from(full).map_err(|_| LocalReason::BadRequest)?;
+    }
+    Ok(())
+}
+
+fn decode_unreserved(p: &str) -> String {
+    let b = p.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            let c = h * 16 + l;
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                out.push(c);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn remove_dot_segments(p: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let trailing = p.ends_with('/') || p.ends_with("/.") || p.ends_with("/..");
+    for seg in p.split('/').skip(1) {
+        match seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut s = String::with_capacity(p.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if s.is_empty() || (trailing && !s.ends_with('/')) {
+        s.push('/');
+    }
+    s
+}
+
+fn strip_host_port(req: &mut Request<Body>, hcm: &HttpConnectionManager, listener_port: u16) {
+    if !hcm.strip_any_host_port && !hcm.strip_matching_host_port {
+        return;
+    }
+    let Some(host) = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()) else { return };
+    let Some(stripped) = sluice_config::model::strip_port(host) else { return };
+    let port = &host[stripped.len() + 1..];
+    if hcm.strip_any_host_port || port.parse::<u16>().ok() == Some(listener_port) {
+        if let Ok(v) = HeaderValue::from_str(stripped) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments() {
+        assert_eq!(remove_dot_segments("/a/b/../c/./d"), "/a/c/d");
+        assert_eq!(remove_dot_segments("/../../a"), "/a");
+        assert_eq!(remove_dot_segments("/a/.."), "/");
+        assert_eq!(remove_dot_segments("/a/b/"), "/a/b/");
+        assert_eq!(decode_unreserved("/%61b%2Fc%7e"), "/ab%2Fc~");
+        assert_eq!(decode_unreserved("/x%4"), "/x%4");
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = new_request_id();
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert_ne!(new_request_id(), id);
+    }
+
+    #[test]
+    fn hop_by_hop_removal() {
+        let mut h = http::HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-foo"));
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-bar", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("connection") && !h.contains_key("x-foo") && !h.contains_key("keep-alive"));
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-bar"], "2");
+    }
+}

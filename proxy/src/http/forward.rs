@@ -1,0 +1,322 @@
+//! Forwarding a routed request upstream: the route's timeouts (including `grpc-timeout`),
+//! retries with back-off and a retry budget, request mirroring, and one attempt per upstream
+//! host chosen by the cluster's load balancer behind its circuit breakers. Every attempt's
+//! outcome feeds outlier detection.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use sluice_config::model::{ForwardAction, HttpFilter, RouteAction};
+use tokio::time::Instant;
+use tower::Service;
+
+use super::ctx::{RequestCtx, Routed};
+use super::local_reply::{LocalReason, local_reply};
+use super::replay::ReplayBody;
+use super::retry::{self, Attempt};
+use crate::body::{self, Body};
+use crate::runtime::Worker;
+use crate::upstream::{LbContext, Outcome, UpstreamError};
+
+/// Bound on a request body kept for retries and mirrors (Envoy's default per-connection
+/// buffer limit). Larger bodies stream once and are not retried.
+const REPLAY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct Forward {
+    worker: Arc<Worker>,
+}
+
+impl Forward {
+    pub fn new(worker: Arc<Worker>) -> Self {
+        Forward { worker }
+    }
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl Service<Request<Body>> for Forward {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFut;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFut {
+        let worker = self.worker.clone();
+        Box::pin(async move { Ok(forward(worker, req).await) })
+    }
+}
+
+async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
+    let (Some(ctx), Some(routed)) = (req.extensions().get::<RequestCtx>().cloned(), req.extensions().get::<Routed>().cloned()) else {
+        return local_reply(LocalReason::NoRoute, false);
+    };
+    let route = routed.route();
+    let RouteAction::Forward(action) = &route.action else {
+        return local_reply(LocalReason::NoRoute, ctx.grpc);
+    };
+    let Some(cluster) = worker.shared.clusters.get(&routed.cluster) else {
+        return local_reply(LocalReason::NoCluster, ctx.grpc);
+    };
+    let retry_policy = action.retry_policy.clone().or_else(|| routed.vhost.retry_policy.clone());
+    let global_timeout = effective_timeout(action, req.headers(), ctx.grpc);
+    let deadline = global_timeout.map(|t| Instant::now() + t);
+    let per_try = retry_policy.as_ref().and_then(|p| p.per_try_timeout);
+
+    let (mut parts, body) = req.into_parts();
+    parts.extensions = http::Extensions::new();
+    let suppress = ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Router { suppress_envoy_headers: true, .. }));
+    if !suppress {
+        let expected = match (per_try, global_timeout) {
+            (Some(p), Some(g)) => Some(p.min(g)),
+            (p, g) => p.or(g),
+        };
+        if let Some(t) = expected {
+            parts.headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
+        }
+    }
+    // A request without a body (most GETs) needs no replay machinery: every attempt sends an
+    // empty body, and the upstream sees no `content-length: 0` Envoy would not send either.
+    let bodiless = http_body::Body::is_end_stream(&body);
+    let wants_replay =
+        !bodiless && (retry_policy.as_ref().is_some_and(|p| p.num_retries > 0) || !action.request_mirror_policies.is_empty());
+    // Without retries or mirrors the body streams once, untouched.
+    let mut once: Option<Body> = None;
+    let replay = if wants_replay {
+        Some(ReplayBody::new(body, REPLAY_LIMIT))
+    } else {
+        once = Some(body);
+        None
+    };
+
+    spawn_mirrors(&worker, &ctx, action, &parts, replay.as_ref());
+
+    let hash = crate::upstream::hash_key(&action.hash_policy, &parts.uri, &parts.headers, Some(ctx.client.ip()));
+    let mut tried: Vec<Arc<crate::upstream::Host>> = Vec::new();
+    let max_attempts = 1 + retry_policy.as_ref().map(|p| p.num_retries).unwrap_or(0);
+    let mut attempt_no = 0u32;
+    let mut last: Option<Response<Body>> = None;
+
+    loop {
+        attempt_no += 1;
+        let Some(host) = cluster.choose(&LbContext { hash, original_dst: ctx.conn.original_dst, tried: &tried, headers: &parts.headers }) else {
+            cluster.stats().no_healthy_upstream();
+            return last.unwrap_or_else(|| local_reply(LocalReason::NoHealthyUpstream, ctx.grpc));
+        };
+        let _retry_guard = if attempt_no > 1 {
+            match cluster.breakers().try_retry() {
+                Some(g) => Some(g),
+                None => return last.unwrap_or_else(|| local_reply(LocalReason::Overflow, ctx.grpc)),
+            }
+        } else {
+            None
+        };
+        let Some(req_guard) = cluster.breakers().try_request() else {
+            return local_reply(LocalReason::Overflow, ctx.grpc);
+        };
+        let attempt_body = match &replay {
+            Some(r) => r.clone().into_body(),
+            None => once.take().filter(|_| !bodiless).unwrap_or_else(body::empty),
+        };
+        let mut req = Request::from_parts(clone_parts(&parts), attempt_body);
+        if attempt_no > 1 && routed.vhost.include_request_attempt_count {
+            req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(attempt_no));
+        }
+        let send = worker.pools.send(&cluster, &host, req, ctx.downstream_h2);
+        let try_deadline = match (per_try.map(|p| Instant::now() + p), deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let result = match try_deadline {
+            Some(d) => match tokio::time::timeout_at(d, send).await {
+                Ok(r) => Attempt::from_result(r),
+                Err(_) => Attempt::Timeout { global: deadline.is_some_and(|g| g <= Instant::now() + Duration::from_millis(1)) },
+            },
+            None => Attempt::from_result(send.await),
+        };
+        tried.push(host.clone());
+        // Outlier detection and stats.
+        match &result {
+            Attempt::Response(r) => {
+                host.record(Outcome::from_status(r.status().as_u16()));
+                cluster.stats().record_status(r.status().as_u16());
+            }
+            Attempt::Error(e) => {
+                if e.is_local_origin() {
+                    host.record(Outcome::LocalOriginFailure);
+                }
+                cluster.stats().record_error(e);
+            }
+            Attempt::Timeout { .. } => {
+                host.record(Outcome::LocalOriginFailure);
+                cluster.stats().record_timeout();
+            }
+        }
+        let can_retry = attempt_no < max_attempts
+            && (bodiless || replay.as_ref().is_some_and(|r| r.is_replayable()))
+            && retry_policy.as_ref().is_some_and(|p| retry::request_allowed(p, &parts.headers) && retry::should_retry(p, &result))
+            && !matches!(result, Attempt::Timeout { global: true });
+        if can_retry {
+            cluster.stats().record_retry();
+            if let Attempt::Response(r) = result {
+                // Keep the response in case the retry cannot happen (budget, no host).
+                last = Some(r.map(body::boxed));
+            }
+            drop(req_guard);
+            let policy = retry_policy.as_ref().map(Arc::as_ref);
+            let backoff = retry::backoff(policy, attempt_no);
+            let wake = Instant::now() + backoff;
+            if deadline.is_some_and(|d| d <= wake) {
+                return local_reply(LocalReason::UpstreamTimeout, ctx.grpc);
+            }
+            tokio::time::sleep_until(wake).await;
+            continue;
+        }
+        return match result {
+            Attempt::Response(r) => {
+                let mut resp = r.map(|b| body::boxed(GuardedBody { inner: b, _guard: req_guard }));
+                if routed.vhost.include_attempt_count_in_response {
+                    resp.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(attempt_no));
+                }
+                resp
+            }
+            Attempt::Error(e) => error_reply(&e, ctx.grpc),
+            Attempt::Timeout { .. } => local_reply(LocalReason::UpstreamTimeout, ctx.grpc),
+        };
+    }
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut b = Request::builder().method(p.method.clone()).uri(p.uri.clone()).version(p.version);
+    if let Some(h) = b.headers_mut() {
+        *h = p.headers.clone();
+    }
+    let (parts, ()) = b.body(()).map(|r| r.into_parts()).unwrap_or_else(|_| Request::new(()).into_parts());
+    parts
+}
+
+fn error_reply(e: &UpstreamError, grpc: bool) -> Response<Body> {
+    let reason = if e.is_overflow() {
+        LocalReason::Overflow
+    } else if e.is_connect_failure() {
+        LocalReason::ConnectFailure
+    } else if e.is_timeout() {
+        LocalReason::UpstreamTimeout
+    } else if matches!(e, UpstreamError::NoHealthyUpstream) {
+        LocalReason::NoHealthyUpstream
+    } else {
+        LocalReason::UpstreamReset
+    };
+    local_reply(reason, grpc)
+}
+
+/// The route timeout, or for gRPC requests with `max_stream_duration.grpc_timeout_header_max`
+/// (or the legacy `max_grpc_timeout`) the client's `grpc-timeout`, capped by that maximum
+/// (0 = no cap) and reduced by the offset.
+pub fn effective_timeout(action: &ForwardAction, headers: &http::HeaderMap, grpc: bool) -> Option<Duration> {
+    if grpc && let Some(max) = action.grpc_timeout_header_max {
+        let header = headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        return match header {
+            Some(t) => {
+                let capped = if max.is_zero() { t } else { t.min(max) };
+                let offset = action.grpc_timeout_header_offset.unwrap_or_default();
+                Some(capped.saturating_sub(offset)).filter(|d| !d.is_zero()).or(Some(capped))
+            }
+            // No header: infinity, capped by the maximum.
+            None => (!max.is_zero()).then_some(max),
+        };
+    }
+    action.timeout
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(s: &str) -> Option<Duration> {
+    if s.len() < 2 || s.len() > 9 {
+        return None;
+    }
+    let (num, unit) = s.split_at(s.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Shadow requests: fire and forget, with `-shadow` appended to the host as Envoy does, sent
+/// once the client has finished sending the body (so the mirror never slows the primary).
+fn spawn_mirrors(worker: &Arc<Worker>, ctx: &RequestCtx, action: &ForwardAction, parts: &http::request::Parts, replay: Option<&ReplayBody>) {
+    for m in &action.request_mirror_policies {
+        let sample = (rand::random::<u64>() % 1_000_000) as u32;
+        if !m.fraction.hit(sample) {
+            continue;
+        }
+        let Some(cluster) = worker.shared.clusters.get(&m.cluster) else { continue };
+        let mut p = clone_parts(parts);
+        if let Some(host) = p.headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            let shadow = match sluice_config::model::strip_port(host) {
+                Some(h) => format!("{h}-shadow{}", &host[h.len()..]),
+                None => format!("{host}-shadow"),
+            };
+            if let Ok(v) = HeaderValue::from_str(&shadow) {
+                p.headers.insert(header::HOST, v);
+            }
+        }
+        let body = replay.map(|r| r.clone().into_body()).unwrap_or_else(body::empty);
+        let worker = worker.clone();
+        let h2 = ctx.downstream_h2;
+        let original_dst = ctx.conn.original_dst;
+        tokio::spawn(async move {
+            let Some(host) = cluster.choose(&LbContext { hash: None, original_dst, tried: &[], headers: &p.headers }) else { return };
+            let Some(_g) = cluster.breakers().try_request() else { return };
+            let req = Request::from_parts(p, body);
+            match tokio::time::timeout(Duration::from_secs(30), worker.pools.send(&cluster, &host, req, h2)).await {
+                Ok(Ok(resp)) => {
+                    cluster.stats().record_status(resp.status().as_u16());
+                    // Drain and discard the shadow response.
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                }
+                Ok(Err(e)) => tracing::debug!(cluster = %cluster.config().name, "mirror request failed: {e}"),
+                Err(_) => tracing::debug!(cluster = %cluster.config().name, "mirror request timed out"),
+            }
+        });
+    }
+}
+
+/// Keeps the circuit-breaker slot (and the host's active-request count) until the response
+/// body has been fully sent, as Envoy counts a request active until its stream ends.
+struct GuardedBody<B, G> {
+    inner: B,
+    _guard: G,
+}
+
+impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for GuardedBody<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+

@@ -1,0 +1,241 @@
+//! The router layer: picks the virtual host and route, answers redirects, direct responses,
+//! CORS preflights and "no route" itself, and for forwarded requests chooses the cluster,
+//! applies the request header mutations and rewrites, and on the way back the response
+//! header mutations. What to do with the request upstream is the inner service's job.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::FutureExt;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use sluice_config::model::{ClusterSpecifier, HttpFilter, RouteAction};
+use tower::{Layer, Service};
+
+use super::ctx::{RequestCtx, Routed};
+use super::local_reply::{LocalReason, LocalReply, local_reply};
+use crate::body::{self, Body};
+use crate::route::{self, CorsDecision, RequestView, Selection, TemplateContext};
+
+#[derive(Clone, Default)]
+pub struct RouterLayer;
+
+impl<S> Layer<S> for RouterLayer {
+    type Service = Router<S>;
+    fn layer(&self, inner: S) -> Router<S> {
+        Router { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Router<S> {
+    inner: S,
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl<S> Service<Request<Body>> for Router<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFut;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFut {
+        match route_request(req) {
+            Decision::Reply(resp) => Box::pin(async move { Ok(resp) }),
+            Decision::Forward(req, post) => {
+                // A combinator rather than an `async` block: rustc cannot prove an async block
+                // holding `S::Future` is `Send` for every lifetime (rust-lang/rust#64552).
+                Box::pin(self.inner.call(req).map(move |r| {
+                    let mut resp = r?;
+                    post.apply(&mut resp);
+                    Ok(resp)
+                }))
+            }
+        }
+    }
+}
+
+enum Decision {
+    Reply(Response<Body>),
+    Forward(Request<Body>, PostProcess),
+}
+
+/// Work left for the response of a forwarded request.
+struct PostProcess {
+    routed: Routed,
+    ctx: RequestCtx,
+    request_headers: http::HeaderMap,
+    cors_headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl PostProcess {
+    fn apply(self, resp: &mut Response<Body>) {
+        let PostProcess { routed, ctx, request_headers, cors_headers } = self;
+        let local = resp.extensions().get::<LocalReply>().is_some();
+        let tctx = template_ctx(&ctx, Some(&request_headers));
+        route::apply_response_mutations(&routed.route_config, &routed.vhost, routed.route(), routed.weighted_cluster(), resp.headers_mut(), &tctx);
+        for (k, v) in cors_headers {
+            resp.headers_mut().insert(k, v);
+        }
+        if !local && !suppress_envoy_headers(&ctx) {
+            let ms = ctx.start.elapsed().as_millis();
+            resp.headers_mut().insert("x-envoy-upstream-service-time", HeaderValue::from(ms as u64));
+        }
+    }
+}
+
+fn suppress_envoy_headers(ctx: &RequestCtx) -> bool {
+    ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Router { suppress_envoy_headers: true, .. }))
+}
+
+pub fn template_ctx<'a>(ctx: &'a RequestCtx, request_headers: Option<&'a http::HeaderMap>) -> TemplateContext<'a> {
+    let mut t = TemplateContext::new(ctx.client, ctx.conn.local);
+    t.hostname = "";
+    t.protocol = ctx.protocol;
+    t.start_time = ctx.start_time;
+    t.requested_server_name = ctx.conn.tls.as_ref().and_then(|t| t.sni.as_deref());
+    t.request_headers = request_headers;
+    t
+}
+
+fn route_request(mut req: Request<Body>) -> Decision {
+    let Some(ctx) = req.extensions().get::<RequestCtx>().cloned() else {
+        return Decision::Reply(local_reply(LocalReason::NoRoute, false));
+    };
+    let grpc = ctx.grpc;
+    let Some(rc) = ctx.hcm.route_config.clone() else {
+        return Decision::Reply(local_reply(LocalReason::NoRoute, grpc));
+    };
+    let random: u64 = rand::random();
+    let authority = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let (vhost, route_index, cors_decision) = {
+        let view = RequestView {
+            method: req.method(),
+            path: &path,
+            authority: &authority,
+            scheme: ctx.scheme,
+            headers: req.headers(),
+            peer_certificate_presented: ctx.conn.tls.as_ref().is_some_and(|t| t.peer_certificate),
+            random,
+        };
+        let selection = route::select(&rc, &view);
+        let (vhost, route) = match selection {
+            None => return Decision::Reply(local_reply(LocalReason::NoRoute, grpc)),
+            Some(Selection::RequireTls { location, .. }) => {
+                let mut r = Response::new(body::empty());
+                *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
+                r.headers_mut().insert(header::LOCATION, location);
+                r.extensions_mut().insert(LocalReply(LocalReason::Configured));
+                return Decision::Reply(r);
+            }
+            Some(Selection::Route { vhost, route }) => (vhost, route),
+        };
+        let route_index = vhost.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0);
+        let cors_enabled = ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Cors)) && !route.disabled_filters.iter().any(|f| f == "envoy.filters.http.cors");
+        let decision = if cors_enabled { route::cors(route.cors.as_deref(), vhost.cors.as_deref(), &view) } else { CorsDecision::NotCors };
+        // Redirects and direct responses are answered here.
+        match &route.action {
+            RouteAction::Redirect(r) => {
+                let (status, location) = route::redirect_location(r, &route.matcher.path, route.matcher.case_sensitive, &view);
+                let mut resp = Response::new(body::empty());
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(header::LOCATION, location);
+                resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
+                let tctx = template_ctx(&ctx, Some(req.headers()));
+                route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
+                return Decision::Reply(resp);
+            }
+            RouteAction::DirectResponse(d) => {
+                let mut resp = match &d.body {
+                    Some(b) => {
+                        let mut r = Response::new(body::full(b.clone()));
+                        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                        r
+                    }
+                    None => Response::new(body::empty()),
+                };
+                *resp.status_mut() = StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK);
+                resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
+                let tctx = template_ctx(&ctx, Some(req.headers()));
+                route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
+                return Decision::Reply(resp);
+            }
+            RouteAction::Forward(_) => {}
+        }
+        (vhost.clone(), route_index, decision)
+    };
+    let cors_headers = match cors_decision {
+        CorsDecision::Preflight(p) => {
+            let (parts, ()) = p.into_parts();
+            let mut r = Response::from_parts(parts, body::empty());
+            r.extensions_mut().insert(LocalReply(LocalReason::Configured));
+            return Decision::Reply(r);
+        }
+        CorsDecision::Forward { response_headers } => response_headers,
+        CorsDecision::NotCors => Vec::new(),
+    };
+    let route = &vhost.routes[route_index];
+    let RouteAction::Forward(action) = &route.action else {
+        return Decision::Reply(local_reply(LocalReason::NoRoute, grpc));
+    };
+
+    // Cluster choice: weighted (with the same random value as runtime_fraction, as Envoy
+    // does), named by a header, or fixed.
+    let (cluster, weighted_index): (Arc<str>, Option<usize>) = match &action.cluster {
+        ClusterSpecifier::Cluster(c) => (Arc::from(c.as_str()), None),
+        ClusterSpecifier::Weighted(w) => match route::pick_weighted(w, random) {
+            Some(wc) => {
+                let i = w.clusters.iter().position(|c| std::ptr::eq(c, wc));
+                (Arc::from(wc.name.as_str()), i)
+            }
+            None => return Decision::Reply(local_reply(LocalReason::NoCluster, grpc)),
+        },
+        ClusterSpecifier::Header(h) => match req.headers().get(h.as_str()).and_then(|v| v.to_str().ok()) {
+            Some(c) if !c.is_empty() => (Arc::from(c), None),
+            _ => return Decision::Reply(local_reply(LocalReason::NoCluster, grpc)),
+        },
+    };
+    let routed = Routed { route_config: rc.clone(), vhost: vhost.clone(), route_index, cluster, weighted_index };
+
+    // Request header mutations, then the host rewrite (which sees the mutated headers), then
+    // the path rewrite.
+    let request_headers = req.headers().clone();
+    {
+        let tctx = template_ctx(&ctx, None);
+        route::apply_request_mutations(&rc, &vhost, route, routed.weighted_cluster(), req.headers_mut(), &tctx);
+    }
+    if let Some(host) = route::rewrite_host(action, routed.weighted_cluster(), req.headers(), &path)
+        && let Ok(v) = HeaderValue::from_str(&host)
+    {
+        let original = req.headers().get(header::HOST).cloned();
+        req.headers_mut().insert(header::HOST, v);
+        if let Some(o) = original {
+            req.headers_mut().insert("x-forwarded-host", o);
+        }
+    }
+    if let Some(new_path) = route::rewrite_path(action, &route.matcher.path, route.matcher.case_sensitive, &path)
+        && let Ok(uri) = Uri::try_from(new_path.as_str())
+    {
+        if let Ok(v) = HeaderValue::from_str(&path) {
+            req.headers_mut().insert("x-envoy-original-path", v);
+        }
+        *req.uri_mut() = uri;
+    }
+    if vhost.include_request_attempt_count {
+        req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from_static("1"));
+    }
+    req.extensions_mut().insert(routed.clone());
+    Decision::Forward(req, PostProcess { routed, ctx, request_headers, cors_headers })
+}

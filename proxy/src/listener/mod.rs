@@ -1,0 +1,227 @@
+//! Listeners: binding, accepting, and handing each connection to its filter chain.
+//!
+//! Every worker binds its own `SO_REUSEPORT` socket for each listener address, so the kernel
+//! spreads connections across workers and a connection never leaves the thread that accepted
+//! it. Each worker reconciles its sockets with every new snapshot: new addresses are bound,
+//! vanished ones stop accepting and their connections drain. A listener whose address is
+//! unchanged keeps its socket; its connections pick up the new configuration per request.
+
+pub mod bind;
+pub mod chain;
+pub mod prefixed;
+pub mod proxy_protocol;
+pub mod tls_peek;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_config::model::{Listener, NetworkFilter, Snapshot};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::http::ctx::{ConnInfo, TlsInfo};
+use crate::runtime::Worker;
+use prefixed::Prefixed;
+
+/// How long a connection may take to send its ClientHello or PROXY header (Envoy's
+/// `listener_filters_timeout` default).
+const LISTENER_FILTER_TIMEOUT: Duration = Duration::from_secs(15);
+
+struct Bound {
+    /// The listener this address belongs to now (a snapshot may move an address).
+    name: watch::Sender<Arc<str>>,
+    /// Dropping it stops the accept loop; connections see `drain` flip.
+    stop: watch::Sender<bool>,
+}
+
+/// One worker's listening sockets.
+#[derive(Default)]
+pub struct WorkerListeners {
+    bound: HashMap<SocketAddr, Bound>,
+}
+
+impl WorkerListeners {
+    /// Brings the sockets in line with `snapshot`.
+    pub fn reconcile(&mut self, worker: &Arc<Worker>, snapshot: &Snapshot) {
+        let mut want: HashMap<SocketAddr, Arc<str>> = HashMap::new();
+        for l in snapshot.listeners.iter().filter(|l| !l.internal) {
+            for a in &l.addresses {
+                want.insert(*a, Arc::from(l.name.as_str()));
+            }
+        }
+        self.bound.retain(|addr, b| {
+            if want.contains_key(addr) {
+                true
+            } else {
+                tracing::info!(worker = worker.id, %addr, "listener removed: draining");
+                let _ = b.stop.send(true);
+                false
+            }
+        });
+        for (addr, name) in want {
+            if let Some(b) = self.bound.get(&addr) {
+                if **b.name.borrow() != *name {
+                    let _ = b.name.send(name);
+                }
+                continue;
+            }
+            match bind::bind(addr) {
+                Ok(std_listener) => match TcpListener::from_std(std_listener) {
+                    Ok(l) => {
+                        let (name_tx, name_rx) = watch::channel(name.clone());
+                        let (stop_tx, stop_rx) = watch::channel(false);
+                        tokio::spawn(accept_loop(worker.clone(), l, addr, name_rx, stop_rx));
+                        self.bound.insert(addr, Bound { name: name_tx, stop: stop_tx });
+                        worker.shared.listener_status.bound(addr, &name);
+                        if worker.id == 0 {
+                            tracing::info!(%addr, listener = %name, "listening");
+                        }
+                    }
+                    Err(e) => worker.shared.listener_status.failed(addr, &name, &e.to_string()),
+                },
+                Err(e) => {
+                    if worker.id == 0 {
+                        tracing::error!(%addr, listener = %name, "cannot bind: {e}");
+                    }
+                    worker.shared.listener_status.failed(addr, &name, &e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Stops accepting everywhere; connections drain.
+    pub fn drain_all(&mut self) {
+        for (_, b) in self.bound.drain() {
+            let _ = b.stop.send(true);
+        }
+    }
+}
+
+async fn accept_loop(worker: Arc<Worker>, l: TcpListener, addr: SocketAddr, name: watch::Receiver<Arc<str>>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            r = l.accept() => match r {
+                Ok((stream, peer)) => {
+                    let listener_name = name.borrow().clone();
+                    let drain = stop.clone();
+                    let w = worker.clone();
+                    tokio::spawn(async move {
+                        handle(w, stream, peer, listener_name, drain).await;
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%addr, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// A connection from accept to its network filter.
+async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketAddr, listener_name: Arc<str>, drain: watch::Receiver<bool>) {
+    let _guard = crate::runtime::ConnGuard::new(&worker);
+    let snapshot = worker.shared.hub.load();
+    let Some(listener) = snapshot.listener(&listener_name).cloned() else { return };
+    let _ = stream.set_nodelay(true);
+    bind::apply_keepalive(&stream, listener.tcp_keepalive.as_ref());
+    let Ok(mut local) = stream.local_addr() else { return };
+    let mut remote = peer;
+    let mut prefix: Vec<u8> = Vec::new();
+    let mut stream = stream;
+
+    if listener.proxy_protocol {
+        match proxy_protocol::read_header(&mut stream, LISTENER_FILTER_TIMEOUT).await {
+            Ok((addrs, rest)) => {
+                if let Some((src, dst)) = addrs {
+                    remote = src;
+                    local = dst;
+                }
+                prefix = rest;
+            }
+            Err(e) => {
+                tracing::debug!(%peer, "PROXY protocol: {e}");
+                return;
+            }
+        }
+    }
+    let original_dst = worker.shared.hooks.original_destination(remote, local);
+
+    let mut hello = tls_peek::ClientHello::default();
+    if chain::needs_tls_inspection(&listener) {
+        let mut io = Prefixed::new(std::mem::take(&mut prefix), &mut stream);
+        let mut buf = Vec::new();
+        match tls_peek::peek(&mut io, &mut buf, LISTENER_FILTER_TIMEOUT).await {
+            Ok(h) => hello = h,
+            Err(e) => {
+                tracing::debug!(%peer, "listener filter: {e}");
+                return;
+            }
+        }
+        prefix = buf;
+    }
+    let input = chain::ChainInput {
+        destination_port: original_dst.map(|a| a.port()).unwrap_or(local.port()),
+        destination_ip: Some(original_dst.map(|a| a.ip()).unwrap_or(local.ip())),
+        server_name: hello.server_name.as_deref(),
+        transport_protocol: if hello.tls { "tls" } else { "raw_buffer" },
+        application_protocols: &hello.alpn,
+        source_ip: Some(remote.ip()),
+        source_port: remote.port(),
+    };
+    let Some(chain) = chain::select(&listener, &input) else {
+        tracing::debug!(%peer, listener = %listener.name, "no filter chain matches; closing");
+        return;
+    };
+    let chain_name: Arc<str> = Arc::from(chain.name.as_str());
+    let io = Prefixed::new(prefix, stream);
+
+    match &chain.tls {
+        Some(tls) => {
+            let cfg = match worker.shared.certs.server_config(tls) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(listener = %listener.name, chain = %chain.name, "TLS unavailable: {e}");
+                    return;
+                }
+            };
+            let tls_stream = match tokio::time::timeout(LISTENER_FILTER_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(io)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "TLS handshake failed: {e}");
+                    worker.shared.stats.tls_handshake_failed();
+                    return;
+                }
+                Err(_) => return,
+            };
+            let (_, session) = tls_stream.get_ref();
+            let info = TlsInfo {
+                sni: hello.server_name.clone(),
+                alpn: session.alpn_protocol().map(<[u8]>::to_vec),
+                peer_certificate: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+            };
+            let conn = Arc::new(ConnInfo { remote, local, original_dst, tls: Some(info), listener: listener_name, chain: chain_name });
+            dispatch(worker, &listener, &chain.filter, conn, tls_stream, drain).await;
+        }
+        None => {
+            let conn = Arc::new(ConnInfo { remote, local, original_dst, tls: None, listener: listener_name, chain: chain_name });
+            dispatch(worker, &listener, &chain.filter, conn, io, drain).await;
+        }
+    }
+}
+
+async fn dispatch<I>(worker: Arc<Worker>, _listener: &Arc<Listener>, filter: &NetworkFilter, conn: Arc<ConnInfo>, io: I, drain: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match filter {
+        NetworkFilter::HttpConnectionManager(hcm) => crate::http::server::serve(worker, conn, hcm.clone(), io, drain).await,
+        NetworkFilter::TcpProxy(tp) => crate::tcp_proxy::proxy(worker, conn, tp.clone(), io, drain).await,
+    }
+}

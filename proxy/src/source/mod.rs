@@ -1,0 +1,4 @@
+//! Configuration sources: where documents come from.
+
+pub mod file;
+pub mod kubernetes;
