@@ -13,7 +13,12 @@ use sluice_config::{Options, Severity, translate};
 use sluice_proxy::source::file;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "A pure-Rust L7 proxy configured by CiliumEnvoyConfig", propagate_version = true)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A pure-Rust L7 proxy configured by CiliumEnvoyConfig",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -118,7 +123,9 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     s.split(',')
         .filter(|kv| !kv.is_empty())
-        .map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{kv:?} is not k=v")))
+        .map(|kv| {
+            kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{kv:?} is not k=v"))
+        })
         .collect()
 }
 
@@ -232,7 +239,11 @@ fn check(path: &std::path::Path, format: Format) -> Result<ExitCode> {
             }
             for l in &s.listeners {
                 let addrs: Vec<String> = l.addresses.iter().map(ToString::to_string).collect();
-                println!("  listener {} on {}", l.name, if addrs.is_empty() { "(internal)".into() } else { addrs.join(", ") });
+                println!(
+                    "  listener {} on {}",
+                    l.name,
+                    if addrs.is_empty() { "(internal)".into() } else { addrs.join(", ") }
+                );
             }
             let errors = s.diagnostics.iter().filter(|d| d.is_error()).count() + read_errors.len();
             let warnings = s.diagnostics.len() - (errors - read_errors.len());
@@ -259,7 +270,8 @@ fn translate_cmd(path: &std::path::Path, envoy: bool, envoy_admin: SocketAddr) -
     }
     let out = if envoy {
         let opts = sluice_config::envoy_export::ExportOptions { admin_address: envoy_admin, concurrency_hint: None };
-        sluice_config::envoy_export::envoy_bootstrap(&docs, &t, &opts).context("cannot express this configuration as an Envoy bootstrap")?
+        sluice_config::envoy_export::envoy_bootstrap(&docs, &t, &opts)
+            .context("cannot express this configuration as an Envoy bootstrap")?
     } else {
         serde_json::to_value(&t.snapshot)?
     };

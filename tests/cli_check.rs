@@ -31,7 +31,9 @@ fn unknown_type() {
     let (code, out) = check("unknown-type.yaml");
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("default/good: spec.resources[1]: unsupported resource type envoy.config.route.v3.ScopedRouteConfiguration"),
+        out.contains(
+            "default/good: spec.resources[1]: unsupported resource type envoy.config.route.v3.ScopedRouteConfiguration"
+        ),
         "{out}"
     );
     assert!(out.contains("REJECTED"), "{out}");
@@ -41,7 +43,10 @@ fn unknown_type() {
 fn duplicate_name() {
     let (code, out) = check("duplicate-name.yaml");
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("spec.resources[3]: duplicate cluster name \"default/web\" (also at spec.resources[2])"), "{out}");
+    assert!(
+        out.contains("spec.resources[3]: duplicate cluster name \"default/web\" (also at spec.resources[2])"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -58,7 +63,12 @@ fn route_to_missing_cluster() {
 fn invalid_regex() {
     let (code, out) = check("invalid-regex.yaml");
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("spec.resources[1].virtual_hosts[0].routes[0].match.safe_regex.regex: invalid regex \"/(unclosed\""), "{out}");
+    assert!(
+        out.contains(
+            "spec.resources[1].virtual_hosts[0].routes[0].match.safe_regex.regex: invalid regex \"/(unclosed\""
+        ),
+        "{out}"
+    );
 }
 
 #[test]
@@ -89,7 +99,8 @@ fn directory_with_a_good_and_a_bad_cec() {
 #[test]
 fn json_output() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check/missing-cluster.yaml");
-    let out = Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check", "--format", "json"]).arg(&path).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check", "--format", "json"]).arg(&path).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["ok"], false);
     assert_eq!(v["sources"][0]["state"], "rejected");

@@ -5,8 +5,8 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -18,6 +18,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::app::LogLevelSetter;
 use crate::control::ReloadOutcome;
 use crate::runtime::Shared;
 
@@ -33,14 +34,21 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     ready: AtomicBool,
     shutdown: watch::Sender<bool>,
-    set_log_level: Option<Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>>,
+    set_log_level: Option<LogLevelSetter>,
     last_reload: Mutex<Option<ReloadOutcome>>,
     started: std::time::SystemTime,
 }
 
 impl AdminState {
-    pub fn new(shared: Arc<Shared>, shutdown: watch::Sender<bool>, set_log_level: Option<Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>>) -> Self {
-        AdminState { shared, ready: AtomicBool::new(false), shutdown, set_log_level, last_reload: Mutex::new(None), started: std::time::SystemTime::now() }
+    pub fn new(shared: Arc<Shared>, shutdown: watch::Sender<bool>, set_log_level: Option<LogLevelSetter>) -> Self {
+        AdminState {
+            shared,
+            ready: AtomicBool::new(false),
+            shutdown,
+            set_log_level,
+            last_reload: Mutex::new(None),
+            started: std::time::SystemTime::now(),
+        }
     }
 
     /// Readiness turns true once the first configuration has been applied.
@@ -69,7 +77,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, surface: Surfa
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, surface, req)) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -142,7 +152,9 @@ fn handle(state: &AdminState, surface: Surface, req: Request<Incoming>) -> Respo
                     Ok(()) => text(StatusCode::OK, format!("log level set to {l}\n")),
                     Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 },
-                (None, _) => text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<trace|debug|info|warn|error>\n"),
+                (None, _) => {
+                    text(StatusCode::BAD_REQUEST, "usage: POST /logging?level=<trace|debug|info|warn|error>\n")
+                }
                 (_, None) => text(StatusCode::NOT_IMPLEMENTED, "log level changes are not available\n"),
             }
         }

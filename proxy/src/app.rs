@@ -17,6 +17,9 @@ use crate::metrics::Stats;
 use crate::runtime::{DataPlaneHooks, ListenerStatus, NoHooks, Shared, start_workers};
 use crate::upstream::ClusterManager;
 
+/// Changes the log filter at runtime (`/logging?level=`).
+pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Where configuration comes from.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -35,7 +38,7 @@ pub struct Config {
     pub node_labels: Option<BTreeMap<String, String>>,
     pub secrets_namespaces: Vec<String>,
     /// Changes the log filter at runtime (`/logging?level=`).
-    pub set_log_level: Option<Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>>,
+    pub set_log_level: Option<LogLevelSetter>,
     pub hooks: Option<Arc<dyn DataPlaneHooks>>,
 }
 
@@ -58,7 +61,10 @@ impl Default for Config {
 
 /// Runs until shutdown. Blocks the calling thread (it becomes the control thread).
 pub fn run(source: Source, config: Config) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the control runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control runtime")?;
     rt.block_on(run_async(source, config))
 }
 
@@ -66,12 +72,17 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
     let hub = SnapshotHub::new();
     let certs = Arc::new(CertStore::new());
     let hooks: Arc<dyn DataPlaneHooks> = config.hooks.clone().unwrap_or_else(|| Arc::new(NoHooks));
-    let clusters = ClusterManager::new(Arc::new(crate::upstream_hooks::Hooks { certs: certs.clone(), datapath: hooks.clone() }));
+    let clusters =
+        ClusterManager::new(Arc::new(crate::upstream_hooks::Hooks { certs: certs.clone(), datapath: hooks.clone() }));
     let stats = Arc::new(Stats::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let mut control = ControlPlane::new(
-        ControlOptions { port_range: config.port_range, node_labels: config.node_labels.clone(), admin_address: Some(config.admin_address) },
+        ControlOptions {
+            port_range: config.port_range,
+            node_labels: config.node_labels.clone(),
+            admin_address: Some(config.admin_address),
+        },
         hub.clone(),
     );
     {
@@ -95,14 +106,20 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
     });
 
     let admin_state = Arc::new(AdminState::new(shared.clone(), shutdown_tx.clone(), config.set_log_level.clone()));
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_address).await.with_context(|| format!("cannot bind the admin address {}", config.admin_address))?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_address)
+        .await
+        .with_context(|| format!("cannot bind the admin address {}", config.admin_address))?;
     tokio::spawn(admin::serve(admin_listener, admin_state.clone(), admin::Surface::Admin));
     if let Some(addr) = config.health_address {
-        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind the health address {addr}"))?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind the health address {addr}"))?;
         tokio::spawn(admin::serve(l, admin_state.clone(), admin::Surface::Health));
     }
     if let Some(addr) = config.metrics_address {
-        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind the metrics address {addr}"))?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind the metrics address {addr}"))?;
         tokio::spawn(admin::serve(l, admin_state.clone(), admin::Surface::Metrics));
     }
 
@@ -119,7 +136,8 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
             admin_state.record_reload(&outcome);
             admin_state.set_ready();
             let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-            let watcher = crate::source::file::watch(&path, Duration::from_millis(150), tx).with_context(|| format!("cannot watch {}", path.display()))?;
+            let watcher = crate::source::file::watch(&path, Duration::from_millis(150), tx)
+                .with_context(|| format!("cannot watch {}", path.display()))?;
             let admin_state = admin_state.clone();
             tokio::spawn(async move {
                 let _watcher = watcher;
@@ -131,7 +149,31 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
             })
         }
         Source::Kubernetes => {
-            anyhow::bail!("Kubernetes mode is not available in this build yet");
+            use crate::source::kubernetes::{self, KubeOptions};
+            let client = kubernetes::client()
+                .await
+                .context("cannot reach the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let opts = KubeOptions {
+                node_name: config.node_name.clone(),
+                secrets_namespaces: config.secrets_namespaces.clone(),
+                reporting_instance: std::env::var("POD_NAME").ok(),
+                ..Default::default()
+            };
+            let admin_state = admin_state.clone();
+            tokio::spawn(async move {
+                let r = kubernetes::run(client, opts, move |docs, labels| {
+                    control.set_node_labels(labels);
+                    let outcome = control.apply(&docs, &[]);
+                    admin_state.record_reload(&outcome);
+                    // The first call marks the end of the initial sync.
+                    admin_state.set_ready();
+                    control.hub().load()
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::error!("Kubernetes source stopped: {e:#}");
+                }
+            })
         }
     };
 
@@ -161,5 +203,7 @@ async fn shutdown_signal() {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }

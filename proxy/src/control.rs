@@ -68,13 +68,16 @@ pub enum ReloadOutcome {
     Refused { errors: Vec<String> },
 }
 
+/// A step that must see each snapshot before traffic does.
+type SnapshotStep = Box<dyn Fn(&Snapshot) + Send + Sync>;
+
 pub struct ControlPlane {
     opts: ControlOptions,
     hub: Arc<SnapshotHub>,
     last_good: BTreeMap<String, Document>,
     ports: BTreeMap<String, u16>,
     /// Called with each snapshot before it is published (cluster state, certificates).
-    prepare: Vec<Box<dyn Fn(&Snapshot) + Send + Sync>>,
+    prepare: Vec<SnapshotStep>,
 }
 
 impl ControlPlane {
@@ -89,6 +92,11 @@ impl ControlPlane {
 
     pub fn hub(&self) -> &Arc<SnapshotHub> {
         &self.hub
+    }
+
+    /// This node's labels, for `spec.nodeSelector` (Kubernetes mode learns them from the API).
+    pub fn set_node_labels(&mut self, labels: Option<BTreeMap<String, String>>) {
+        self.opts.node_labels = labels;
     }
 
     /// Translates a complete document set and publishes it. `read_errors` are documents

@@ -33,7 +33,8 @@ impl Stats {
         let mut s = String::new();
         let _ = writeln!(s, "# TYPE sluice_config_reloads counter");
         let _ = writeln!(s, "sluice_config_reloads{{result=\"success\"}} {}", self.reloads_ok.load(Ordering::Relaxed));
-        let _ = writeln!(s, "sluice_config_reloads{{result=\"failure\"}} {}", self.reloads_failed.load(Ordering::Relaxed));
+        let _ =
+            writeln!(s, "sluice_config_reloads{{result=\"failure\"}} {}", self.reloads_failed.load(Ordering::Relaxed));
         let _ = writeln!(s, "# TYPE sluice_tls_handshake_failures counter");
         let _ = writeln!(s, "sluice_tls_handshake_failures {}", self.tls_handshake_failures.load(Ordering::Relaxed));
         s

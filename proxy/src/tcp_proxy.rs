@@ -13,16 +13,23 @@ use crate::http::ctx::ConnInfo;
 use crate::runtime::Worker;
 use crate::upstream::{LbContext, Outcome};
 
-pub async fn proxy<I>(worker: Arc<Worker>, conn: Arc<ConnInfo>, tp: Arc<TcpProxy>, mut io: I, mut drain: watch::Receiver<bool>)
-where
+pub async fn proxy<I>(
+    worker: Arc<Worker>,
+    conn: Arc<ConnInfo>,
+    tp: Arc<TcpProxy>,
+    mut io: I,
+    mut drain: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cluster_name = match &tp.cluster {
         ClusterSpecifier::Cluster(c) => c.clone(),
-        ClusterSpecifier::Weighted(w) => match w.pick((rand::random::<u64>() % u64::from(w.total_weight.max(1))) as u32) {
-            Some(c) => c.name.clone(),
-            None => return,
-        },
+        ClusterSpecifier::Weighted(w) => {
+            match w.pick((rand::random::<u64>() % u64::from(w.total_weight.max(1))) as u32) {
+                Some(c) => c.name.clone(),
+                None => return,
+            }
+        }
         ClusterSpecifier::Header(_) => return,
     };
     let Some(cluster) = worker.shared.clusters.get(&cluster_name) else {
@@ -33,7 +40,14 @@ where
     let mut upstream = None;
     for _ in 0..tp.max_connect_attempts {
         let headers = http::HeaderMap::new();
-        let Some(host) = cluster.choose(&LbContext { hash: None, original_dst: conn.original_dst.or(Some(conn.local)), tried: &tried, headers: &headers }) else { break };
+        let Some(host) = cluster.choose(&LbContext {
+            hash: None,
+            original_dst: conn.original_dst.or(Some(conn.local)),
+            tried: &tried,
+            headers: &headers,
+        }) else {
+            break;
+        };
         let Some(addr) = host.socket_addr() else { break };
         let Some(guard) = cluster.breakers().try_connection() else {
             tracing::debug!(cluster = %cluster_name, "tcp_proxy: connection overflow");

@@ -42,12 +42,19 @@ impl Sluice {
             std::fs::write(dir.path().join(name), content).expect("write config");
         }
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let lo = 20000 + (std::process::id() % 500) as u16 * 40;
+        // Each instance gets its own port range: listeners bind with SO_REUSEPORT, so two
+        // instances on the same range would silently share (and split) each other's traffic.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let seed = std::process::id() as usize * 31 + n * 7 + nanos as usize;
+        let lo = 20000 + (seed % 1000) as u16 * 20;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.args(["run", "--config"])
             .arg(dir.path())
             .args(["--workers", "1", "--no-health-metrics", "--admin-address", &admin.to_string()])
-            .args(["--proxy-port-range", &format!("{lo}-{}", lo + 39)])
+            .args(["--proxy-port-range", &format!("{lo}-{}", lo + 19)])
             .args(extra)
             .env("SLUICE_LOG", std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
@@ -92,13 +99,11 @@ impl Sluice {
         loop {
             let (_, body) = self.admin_get("/listeners");
             let v: serde_json::Value = serde_json::from_str(&body).expect("listeners json");
-            if let Some(addr) = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|l| l["name"] == name)
-                .and_then(|l| l["addresses"].as_array().and_then(|a| a.iter().filter_map(|x| x.as_str()).find(|x| !x.starts_with('['))))
-            {
+            if let Some(addr) = v.as_array().into_iter().flatten().find(|l| l["name"] == name).and_then(|l| {
+                l["addresses"]
+                    .as_array()
+                    .and_then(|a| a.iter().filter_map(|x| x.as_str()).find(|x| !x.starts_with('[')))
+            }) {
                 return addr.parse().expect("address");
             }
             assert!(Instant::now() < deadline, "listener {name} not found in {body}");
@@ -148,11 +153,20 @@ pub struct Backend {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-pub type Behaviour = Arc<dyn Fn(&Request<Incoming>, usize) -> Option<Response<Full<Bytes>>> + Send + Sync>;
+/// What a backend does with its n-th request (1-based).
+pub enum Reply {
+    /// Answer with the JSON echo.
+    Echo,
+    Respond(Response<Full<Bytes>>),
+    /// Wait, then echo.
+    Delay(Duration),
+}
+
+pub type Behaviour = Arc<dyn Fn(&Request<Incoming>, usize) -> Reply + Send + Sync>;
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        Backend::start_with(name, Arc::new(|_, _| None)).await
+        Backend::start_with(name, Arc::new(|_, _| Reply::Echo)).await
     }
 
     pub async fn start_with(name: &str, behaviour: Behaviour) -> Backend {
@@ -180,9 +194,12 @@ impl Backend {
                                 let n = hits.fetch_add(1, Ordering::SeqCst) + 1;
                                 let name = name.clone();
                                 let behaviour = behaviour.clone();
+                                let reply = behaviour(&req, n);
                                 async move {
-                                    if let Some(r) = behaviour(&req, n) {
-                                        return Ok::<_, Infallible>(r);
+                                    match reply {
+                                        Reply::Respond(r) => return Ok::<_, Infallible>(r),
+                                        Reply::Delay(d) => tokio::time::sleep(d).await,
+                                        Reply::Echo => {}
                                     }
                                     Ok(echo(&name, peer, req).await)
                                 }
@@ -242,13 +259,19 @@ pub fn status(code: u16) -> Response<Full<Bytes>> {
 }
 
 /// HTTP/1.1 client with keep-alive (one connection reused) or h2c prior knowledge.
-pub fn client(h2: bool) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+pub fn client(
+    h2: bool,
+) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
     let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
     b.http2_only(h2);
     b.build_http()
 }
 
-pub async fn get(c: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>, url: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, Bytes) {
+pub async fn get(
+    c: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap, Bytes) {
     let mut b = Request::get(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -269,5 +292,7 @@ pub fn service_yaml(ns: &str, name: &str, backends: &[SocketAddr]) -> String {
             port = b.port()
         ));
     }
-    format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  clusterIP: 127.96.1.1\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n{eps}")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  clusterIP: 127.96.1.1\n  ports:\n  - name: http\n    port: 80\n    protocol: TCP\n{eps}"
+    )
 }

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
-use http::header::{self, HeaderName, HeaderValue};
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
 use sluice_config::model::{
     CidrRange, HeadersWithUnderscoresAction, HttpConnectionManager, NetworkFilter, PathWithEscapedSlashesAction,
@@ -27,7 +27,8 @@ use crate::body::Body;
 use crate::control::SnapshotHub;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward.
-pub const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
+pub const HOP_BY_HOP: [&str; 6] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
 
 /// The connection manager configuration a connection uses: the one its filter chain had
 /// at accept time, refreshed whenever a new snapshot changes it. Connections are never
@@ -51,10 +52,14 @@ impl ConnConfig {
         if g != self.generation.load(Ordering::Acquire) {
             let snap = self.hub.load();
             let fresh = snap.listener(&self.conn.listener).and_then(|l| {
-                l.filter_chains.iter().chain(l.default_filter_chain.iter()).find(|c| *c.name == *self.conn.chain).and_then(|c| match &c.filter {
-                    NetworkFilter::HttpConnectionManager(h) => Some(h.clone()),
-                    _ => None,
-                })
+                l.filter_chains
+                    .iter()
+                    .chain(l.default_filter_chain.iter())
+                    .find(|c| *c.name == *self.conn.chain)
+                    .and_then(|c| match &c.filter {
+                        NetworkFilter::HttpConnectionManager(h) => Some(h.clone()),
+                        _ => None,
+                    })
             });
             // A chain that disappeared keeps its last configuration until the listener
             // drains.
@@ -116,7 +121,8 @@ where
                 return Box::pin(async move { Ok(resp) });
             }
         };
-        let request_id = if hcm.always_set_request_id_in_response { req.headers().get("x-request-id").cloned() } else { None };
+        let request_id =
+            if hcm.always_set_request_id_in_response { req.headers().get("x-request-id").cloned() } else { None };
         let request_timeout = hcm.request_timeout;
         req.extensions_mut().insert(ctx);
         let fut = self.inner.call(req);
@@ -137,9 +143,19 @@ where
 }
 
 /// Applies the connection manager's request-side semantics. An `Err` is answered locally.
-pub fn prepare(req: &mut Request<Body>, conn: &Arc<ConnInfo>, hcm: &Arc<HttpConnectionManager>) -> Result<RequestCtx, LocalReason> {
+pub fn prepare(
+    req: &mut Request<Body>,
+    conn: &Arc<ConnInfo>,
+    hcm: &Arc<HttpConnectionManager>,
+) -> Result<RequestCtx, LocalReason> {
     let downstream_h2 = req.version() == http::Version::HTTP_2;
-    let protocol = if downstream_h2 { "HTTP/2" } else if req.version() == http::Version::HTTP_10 { "HTTP/1.0" } else { "HTTP/1.1" };
+    let protocol = if downstream_h2 {
+        "HTTP/2"
+    } else if req.version() == http::Version::HTTP_10 {
+        "HTTP/1.0"
+    } else {
+        "HTTP/1.1"
+    };
     let grpc = is_grpc(req.headers());
 
     // HTTP/1.1 needs a Host; HTTP/2 carries :authority in the URI. Keep both in step so the
@@ -254,7 +270,9 @@ pub fn finish_response(resp: &mut Response<Body>, hcm: &HttpConnectionManager, r
 
 pub fn is_upgrade(h: &http::HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION).iter().any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
 pub fn strip_hop_by_hop(h: &mut http::HeaderMap, keep_upgrade: bool) {
@@ -506,10 +524,10 @@ fn strip_host_port(req: &mut Request<Body>, hcm: &HttpConnectionManager, listene
     let Some(host) = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()) else { return };
     let Some(stripped) = sluice_config::model::strip_port(host) else { return };
     let port = &host[stripped.len() + 1..];
-    if hcm.strip_any_host_port || port.parse::<u16>().ok() == Some(listener_port) {
-        if let Ok(v) = HeaderValue::from_str(stripped) {
-            req.headers_mut().insert(header::HOST, v);
-        }
+    if (hcm.strip_any_host_port || port.parse::<u16>().ok() == Some(listener_port))
+        && let Ok(v) = HeaderValue::from_str(stripped)
+    {
+        req.headers_mut().insert(header::HOST, v);
     }
 }
 

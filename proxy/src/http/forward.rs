@@ -57,7 +57,9 @@ impl Service<Request<Body>> for Forward {
 }
 
 async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
-    let (Some(ctx), Some(routed)) = (req.extensions().get::<RequestCtx>().cloned(), req.extensions().get::<Routed>().cloned()) else {
+    let (Some(ctx), Some(routed)) =
+        (req.extensions().get::<RequestCtx>().cloned(), req.extensions().get::<Routed>().cloned())
+    else {
         return local_reply(LocalReason::NoRoute, false);
     };
     let route = routed.route();
@@ -74,7 +76,8 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
 
     let (mut parts, body) = req.into_parts();
     parts.extensions = http::Extensions::new();
-    let suppress = ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Router { suppress_envoy_headers: true, .. }));
+    let suppress =
+        ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Router { suppress_envoy_headers: true, .. }));
     if !suppress {
         let expected = match (per_try, global_timeout) {
             (Some(p), Some(g)) => Some(p.min(g)),
@@ -87,8 +90,8 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
     // A request without a body (most GETs) needs no replay machinery: every attempt sends an
     // empty body, and the upstream sees no `content-length: 0` Envoy would not send either.
     let bodiless = http_body::Body::is_end_stream(&body);
-    let wants_replay =
-        !bodiless && (retry_policy.as_ref().is_some_and(|p| p.num_retries > 0) || !action.request_mirror_policies.is_empty());
+    let wants_replay = !bodiless
+        && (retry_policy.as_ref().is_some_and(|p| p.num_retries > 0) || !action.request_mirror_policies.is_empty());
     // Without retries or mirrors the body streams once, untouched.
     let mut once: Option<Body> = None;
     let replay = if wants_replay {
@@ -108,7 +111,12 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
 
     loop {
         attempt_no += 1;
-        let Some(host) = cluster.choose(&LbContext { hash, original_dst: ctx.conn.original_dst, tried: &tried, headers: &parts.headers }) else {
+        let Some(host) = cluster.choose(&LbContext {
+            hash,
+            original_dst: ctx.conn.original_dst,
+            tried: &tried,
+            headers: &parts.headers,
+        }) else {
             cluster.stats().no_healthy_upstream();
             return last.unwrap_or_else(|| local_reply(LocalReason::NoHealthyUpstream, ctx.grpc));
         };
@@ -139,7 +147,9 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
         let result = match try_deadline {
             Some(d) => match tokio::time::timeout_at(d, send).await {
                 Ok(r) => Attempt::from_result(r),
-                Err(_) => Attempt::Timeout { global: deadline.is_some_and(|g| g <= Instant::now() + Duration::from_millis(1)) },
+                Err(_) => Attempt::Timeout {
+                    global: deadline.is_some_and(|g| g <= Instant::now() + Duration::from_millis(1)),
+                },
             },
             None => Attempt::from_result(send.await),
         };
@@ -163,7 +173,9 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
         }
         let can_retry = attempt_no < max_attempts
             && (bodiless || replay.as_ref().is_some_and(|r| r.is_replayable()))
-            && retry_policy.as_ref().is_some_and(|p| retry::request_allowed(p, &parts.headers) && retry::should_retry(p, &result))
+            && retry_policy
+                .as_ref()
+                .is_some_and(|p| retry::request_allowed(p, &parts.headers) && retry::should_retry(p, &result))
             && !matches!(result, Attempt::Timeout { global: true });
         if can_retry {
             cluster.stats().record_retry();
@@ -258,7 +270,13 @@ pub fn parse_grpc_timeout(s: &str) -> Option<Duration> {
 
 /// Shadow requests: fire and forget, with `-shadow` appended to the host as Envoy does, sent
 /// once the client has finished sending the body (so the mirror never slows the primary).
-fn spawn_mirrors(worker: &Arc<Worker>, ctx: &RequestCtx, action: &ForwardAction, parts: &http::request::Parts, replay: Option<&ReplayBody>) {
+fn spawn_mirrors(
+    worker: &Arc<Worker>,
+    ctx: &RequestCtx,
+    action: &ForwardAction,
+    parts: &http::request::Parts,
+    replay: Option<&ReplayBody>,
+) {
     for m in &action.request_mirror_policies {
         let sample = (rand::random::<u64>() % 1_000_000) as u32;
         if !m.fraction.hit(sample) {
@@ -280,7 +298,10 @@ fn spawn_mirrors(worker: &Arc<Worker>, ctx: &RequestCtx, action: &ForwardAction,
         let h2 = ctx.downstream_h2;
         let original_dst = ctx.conn.original_dst;
         tokio::spawn(async move {
-            let Some(host) = cluster.choose(&LbContext { hash: None, original_dst, tried: &[], headers: &p.headers }) else { return };
+            let Some(host) = cluster.choose(&LbContext { hash: None, original_dst, tried: &[], headers: &p.headers })
+            else {
+                return;
+            };
             let Some(_g) = cluster.breakers().try_request() else { return };
             let req = Request::from_parts(p, body);
             match tokio::time::timeout(Duration::from_secs(30), worker.pools.send(&cluster, &host, req, h2)).await {
@@ -307,7 +328,10 @@ impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for GuardedBody<B, G>
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -319,4 +343,3 @@ impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for GuardedBody<B, G>
         self.inner.size_hint()
     }
 }
-

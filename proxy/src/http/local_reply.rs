@@ -60,7 +60,9 @@ impl LocalReason {
     pub fn status(self) -> StatusCode {
         match self {
             LocalReason::NoRoute => StatusCode::NOT_FOUND,
-            LocalReason::NoCluster | LocalReason::NoHealthyUpstream | LocalReason::Overflow => StatusCode::SERVICE_UNAVAILABLE,
+            LocalReason::NoCluster | LocalReason::NoHealthyUpstream | LocalReason::Overflow => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             LocalReason::ConnectFailure | LocalReason::UpstreamReset => StatusCode::SERVICE_UNAVAILABLE,
             LocalReason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReason::BadRequest => StatusCode::BAD_REQUEST,
@@ -77,10 +79,16 @@ impl LocalReason {
             LocalReason::NoRoute => "",
             LocalReason::NoCluster => "",
             LocalReason::NoHealthyUpstream => "no healthy upstream",
-            LocalReason::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            LocalReason::Overflow => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            }
             LocalReason::UpstreamTimeout => "upstream request timeout",
-            LocalReason::ConnectFailure => "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-            LocalReason::UpstreamReset => "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            LocalReason::ConnectFailure => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            }
+            LocalReason::UpstreamReset => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+            }
             LocalReason::BadRequest => "Bad Request",
             LocalReason::StreamIdleTimeout => "stream timeout",
             LocalReason::RequestTimeout => "request timeout",
@@ -98,12 +106,12 @@ pub struct LocalReply(pub LocalReason);
 /// HTTP status -> gRPC status, as Envoy maps them (`Grpc::Utility::httpToGrpcStatus`).
 pub fn grpc_status_for(status: StatusCode) -> u32 {
     match status.as_u16() {
-        400 => 13, // INTERNAL
-        401 => 16, // UNAUTHENTICATED
-        403 => 7,  // PERMISSION_DENIED
-        404 => 12, // UNIMPLEMENTED
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
         429 | 502 | 503 | 504 => 14, // UNAVAILABLE
-        _ => 2,    // UNKNOWN
+        _ => 2,                      // UNKNOWN
     }
 }
 

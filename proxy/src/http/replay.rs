@@ -165,7 +165,10 @@ impl HttpBody for ReplayBody {
         if self.done {
             return true;
         }
-        self.state.lock().map(|s| s.eos && self.pos >= s.recorded.len() && (self.trailers_sent || s.trailers.is_none())).unwrap_or(false)
+        self.state
+            .lock()
+            .map(|s| s.eos && self.pos >= s.recorded.len() && (self.trailers_sent || s.trailers.is_none()))
+            .unwrap_or(false)
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -179,7 +182,8 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
 
     fn chunks(parts: &[&'static str]) -> Body {
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))).collect();
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p.as_bytes())))).collect();
         crate::body::boxed(StreamBody::new(futures_util::stream::iter(frames)))
     }
 
@@ -212,7 +216,8 @@ mod tests {
     async fn trailers_are_replayed() {
         let mut t = HeaderMap::new();
         t.insert("grpc-status", "0".parse().unwrap());
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(Bytes::from_static(b"x"))), Ok(Frame::trailers(t))];
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"x"))), Ok(Frame::trailers(t))];
         let src = crate::body::boxed(StreamBody::new(futures_util::stream::iter(frames)));
         let b = ReplayBody::new(src, 100);
         let c1 = b.clone().collect().await.unwrap();

@@ -10,16 +10,18 @@ use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// What one upstream attempt produced.
 pub enum Attempt {
-    Response(Response<UpstreamBody>),
+    Response(Box<Response<UpstreamBody>>),
     Error(UpstreamError),
     /// The per-try or the whole-request timeout fired. `global` is the latter (never retried).
-    Timeout { global: bool },
+    Timeout {
+        global: bool,
+    },
 }
 
 impl Attempt {
     pub fn from_result(r: Result<Response<UpstreamBody>, UpstreamError>) -> Attempt {
         match r {
-            Ok(r) => Attempt::Response(r),
+            Ok(r) => Attempt::Response(Box::new(r)),
             Err(e) => Attempt::Error(e),
         }
     }
@@ -47,7 +49,9 @@ pub fn should_retry(policy: &RetryPolicy, attempt: &Attempt) -> bool {
                 return true;
             }
             // gRPC status in a trailers-only response.
-            if let Some(code) = r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(code) =
+                r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u32>().ok())
+            {
                 return match code {
                     1 => on.grpc_cancelled,
                     4 => on.grpc_deadline_exceeded,
@@ -86,7 +90,8 @@ pub fn should_retry(policy: &RetryPolicy, attempt: &Attempt) -> bool {
 
 /// `retriable_request_headers`: when set, only matching requests are retried.
 pub fn request_allowed(policy: &RetryPolicy, headers: &http::HeaderMap) -> bool {
-    policy.retriable_request_headers.is_empty() || policy.retriable_request_headers.iter().any(|m| header_matches(m, headers))
+    policy.retriable_request_headers.is_empty()
+        || policy.retriable_request_headers.iter().any(|m| header_matches(m, headers))
 }
 
 fn header_matches(m: &HeaderMatcher, headers: &http::HeaderMap) -> bool {
@@ -103,7 +108,9 @@ fn header_matches(m: &HeaderMatcher, headers: &http::HeaderMap) -> bool {
 /// Envoy's back-off: fully jittered exponential, `random(0, base * 2^(n-1))`, capped at
 /// `max_interval` (defaults 25 ms and 250 ms).
 pub fn backoff(policy: Option<&RetryPolicy>, attempt: u32) -> Duration {
-    let (base, max) = policy.map(|p| (p.back_off_base, p.back_off_max)).unwrap_or((Duration::from_millis(25), Duration::from_millis(250)));
+    let (base, max) = policy
+        .map(|p| (p.back_off_base, p.back_off_max))
+        .unwrap_or((Duration::from_millis(25), Duration::from_millis(250)));
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let ceiling = exp.min(max).as_micros() as u64;
     if ceiling == 0 {
@@ -135,7 +142,7 @@ mod tests {
     fn resp(status: u16) -> Attempt {
         let mut r = Response::new(UpstreamBody::empty());
         *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
-        Attempt::Response(r)
+        Attempt::Response(Box::new(r))
     }
 
     #[test]

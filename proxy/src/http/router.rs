@@ -68,7 +68,7 @@ where
 
 enum Decision {
     Reply(Response<Body>),
-    Forward(Request<Body>, PostProcess),
+    Forward(Request<Body>, Box<PostProcess>),
 }
 
 /// Work left for the response of a forwarded request.
@@ -84,7 +84,14 @@ impl PostProcess {
         let PostProcess { routed, ctx, request_headers, cors_headers } = self;
         let local = resp.extensions().get::<LocalReply>().is_some();
         let tctx = template_ctx(&ctx, Some(&request_headers));
-        route::apply_response_mutations(&routed.route_config, &routed.vhost, routed.route(), routed.weighted_cluster(), resp.headers_mut(), &tctx);
+        route::apply_response_mutations(
+            &routed.route_config,
+            &routed.vhost,
+            routed.route(),
+            routed.weighted_cluster(),
+            resp.headers_mut(),
+            &tctx,
+        );
         for (k, v) in cors_headers {
             resp.headers_mut().insert(k, v);
         }
@@ -143,12 +150,18 @@ fn route_request(mut req: Request<Body>) -> Decision {
             Some(Selection::Route { vhost, route }) => (vhost, route),
         };
         let route_index = vhost.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0);
-        let cors_enabled = ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Cors)) && !route.disabled_filters.iter().any(|f| f == "envoy.filters.http.cors");
-        let decision = if cors_enabled { route::cors(route.cors.as_deref(), vhost.cors.as_deref(), &view) } else { CorsDecision::NotCors };
+        let cors_enabled = ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Cors))
+            && !route.disabled_filters.iter().any(|f| f == "envoy.filters.http.cors");
+        let decision = if cors_enabled {
+            route::cors(route.cors.as_deref(), vhost.cors.as_deref(), &view)
+        } else {
+            CorsDecision::NotCors
+        };
         // Redirects and direct responses are answered here.
         match &route.action {
             RouteAction::Redirect(r) => {
-                let (status, location) = route::redirect_location(r, &route.matcher.path, route.matcher.case_sensitive, &view);
+                let (status, location) =
+                    route::redirect_location(r, &route.matcher.path, route.matcher.case_sensitive, &view);
                 let mut resp = Response::new(body::empty());
                 *resp.status_mut() = status;
                 resp.headers_mut().insert(header::LOCATION, location);
@@ -237,5 +250,5 @@ fn route_request(mut req: Request<Body>) -> Decision {
         req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from_static("1"));
     }
     req.extensions_mut().insert(routed.clone());
-    Decision::Forward(req, PostProcess { routed, ctx, request_headers, cors_headers })
+    Decision::Forward(req, Box::new(PostProcess { routed, ctx, request_headers, cors_headers }))
 }

@@ -15,8 +15,13 @@ use tokio::sync::watch;
 use super::ctx::ConnInfo;
 use crate::runtime::Worker;
 
-pub async fn serve<I>(worker: Arc<Worker>, conn: Arc<ConnInfo>, hcm: Arc<HttpConnectionManager>, io: I, mut drain: watch::Receiver<bool>)
-where
+pub async fn serve<I>(
+    worker: Arc<Worker>,
+    conn: Arc<ConnInfo>,
+    hcm: Arc<HttpConnectionManager>,
+    io: I,
+    mut drain: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = TowerToHyperService::new(super::stack::build(worker.clone(), conn.clone(), hcm.clone()));
@@ -53,21 +58,17 @@ where
     }
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(connection);
-    let idle = hcm.idle_timeout;
     let max_duration = hcm.max_connection_duration.map(|d| tokio::time::Instant::now() + d);
     let drain_timeout = hcm.drain_timeout;
-    let _ = idle;
-    loop {
-        tokio::select! {
-            res = connection.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(peer = %conn.remote, "connection ended: {e}");
-                }
-                return;
+    tokio::select! {
+        res = connection.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(peer = %conn.remote, "connection ended: {e}");
             }
-            _ = drain.wait_for(|d| *d) => break,
-            _ = sleep_until(max_duration) => break,
+            return;
         }
+        _ = drain.wait_for(|d| *d) => {}
+        _ = sleep_until(max_duration) => {}
     }
     // Graceful: HTTP/1 closes after the current response, HTTP/2 sends GOAWAY and lets open
     // streams finish, within the drain timeout.

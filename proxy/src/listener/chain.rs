@@ -140,7 +140,8 @@ spec:
     }
 
     fn pick(s: &Snapshot, sni: Option<&str>, tp: &str, port: u16) -> Option<String> {
-        let input = ChainInput { destination_port: port, server_name: sni, transport_protocol: tp, ..Default::default() };
+        let input =
+            ChainInput { destination_port: port, server_name: sni, transport_protocol: tp, ..Default::default() };
         select(&s.listeners[0], &input).map(|c| c.name.clone())
     }
 

@@ -100,7 +100,13 @@ impl WorkerListeners {
     }
 }
 
-async fn accept_loop(worker: Arc<Worker>, l: TcpListener, addr: SocketAddr, name: watch::Receiver<Arc<str>>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    worker: Arc<Worker>,
+    l: TcpListener,
+    addr: SocketAddr,
+    name: watch::Receiver<Arc<str>>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             biased;
@@ -125,7 +131,13 @@ async fn accept_loop(worker: Arc<Worker>, l: TcpListener, addr: SocketAddr, name
 }
 
 /// A connection from accept to its network filter.
-async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketAddr, listener_name: Arc<str>, drain: watch::Receiver<bool>) {
+async fn handle(
+    worker: Arc<Worker>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener_name: Arc<str>,
+    drain: watch::Receiver<bool>,
+) {
     let _guard = crate::runtime::ConnGuard::new(&worker);
     let snapshot = worker.shared.hub.load();
     let Some(listener) = snapshot.listener(&listener_name).cloned() else { return };
@@ -191,37 +203,62 @@ async fn handle(worker: Arc<Worker>, stream: TcpStream, peer: SocketAddr, listen
                     return;
                 }
             };
-            let tls_stream = match tokio::time::timeout(LISTENER_FILTER_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(io)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "TLS handshake failed: {e}");
-                    worker.shared.stats.tls_handshake_failed();
-                    return;
-                }
-                Err(_) => return,
-            };
+            let tls_stream =
+                match tokio::time::timeout(LISTENER_FILTER_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(io))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "TLS handshake failed: {e}");
+                        worker.shared.stats.tls_handshake_failed();
+                        return;
+                    }
+                    Err(_) => return,
+                };
             let (_, session) = tls_stream.get_ref();
             let info = TlsInfo {
                 sni: hello.server_name.clone(),
                 alpn: session.alpn_protocol().map(<[u8]>::to_vec),
                 peer_certificate: session.peer_certificates().is_some_and(|c| !c.is_empty()),
             };
-            let conn = Arc::new(ConnInfo { remote, local, original_dst, tls: Some(info), listener: listener_name, chain: chain_name });
+            let conn = Arc::new(ConnInfo {
+                remote,
+                local,
+                original_dst,
+                tls: Some(info),
+                listener: listener_name,
+                chain: chain_name,
+            });
             dispatch(worker, &listener, &chain.filter, conn, tls_stream, drain).await;
         }
         None => {
-            let conn = Arc::new(ConnInfo { remote, local, original_dst, tls: None, listener: listener_name, chain: chain_name });
+            let conn = Arc::new(ConnInfo {
+                remote,
+                local,
+                original_dst,
+                tls: None,
+                listener: listener_name,
+                chain: chain_name,
+            });
             dispatch(worker, &listener, &chain.filter, conn, io, drain).await;
         }
     }
 }
 
-async fn dispatch<I>(worker: Arc<Worker>, _listener: &Arc<Listener>, filter: &NetworkFilter, conn: Arc<ConnInfo>, io: I, drain: watch::Receiver<bool>)
-where
+async fn dispatch<I>(
+    worker: Arc<Worker>,
+    _listener: &Arc<Listener>,
+    filter: &NetworkFilter,
+    conn: Arc<ConnInfo>,
+    io: I,
+    drain: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match filter {
-        NetworkFilter::HttpConnectionManager(hcm) => crate::http::server::serve(worker, conn, hcm.clone(), io, drain).await,
+        NetworkFilter::HttpConnectionManager(hcm) => {
+            crate::http::server::serve(worker, conn, hcm.clone(), io, drain).await
+        }
         NetworkFilter::TcpProxy(tp) => crate::tcp_proxy::proxy(worker, conn, tp.clone(), io, drain).await,
     }
 }

@@ -26,7 +26,10 @@ pub type Addresses = Option<(SocketAddr, SocketAddr)>;
 
 /// Reads the header from the start of `io`. Bytes read past the header are returned for
 /// replay.
-pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R, timeout: Duration) -> Result<(Addresses, Vec<u8>), ProxyProtocolError> {
+pub async fn read_header<R: AsyncRead + Unpin>(
+    io: &mut R,
+    timeout: Duration,
+) -> Result<(Addresses, Vec<u8>), ProxyProtocolError> {
     tokio::time::timeout(timeout, read_inner(io)).await.map_err(|_| ProxyProtocolError::Timeout)?
 }
 

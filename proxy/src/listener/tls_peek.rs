@@ -32,7 +32,11 @@ pub enum PeekError {
 
 /// Reads from `io` into `buf` until the ClientHello is complete (or it is clear the
 /// connection is not TLS). The bytes stay in `buf`; the caller replays them.
-pub async fn peek<R: AsyncRead + Unpin>(io: &mut R, buf: &mut Vec<u8>, timeout: Duration) -> Result<ClientHello, PeekError> {
+pub async fn peek<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<ClientHello, PeekError> {
     tokio::time::timeout(timeout, async {
         loop {
             match inspect(buf) {
@@ -133,7 +137,8 @@ fn parse_client_hello(b: &[u8]) -> ClientHello {
                         let n = list.u16()? as usize;
                         let name = list.take(n)?;
                         if kind == 0 && out.server_name.is_none() {
-                            out.server_name = std::str::from_utf8(name).ok().map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+                            out.server_name =
+                                std::str::from_utf8(name).ok().map(|s| s.trim_end_matches('.').to_ascii_lowercase());
                         }
                     }
                 }

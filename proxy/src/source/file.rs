@@ -71,7 +71,11 @@ pub fn watch(path: &Path, debounce: Duration, tx: mpsc::Sender<()>) -> notify::R
     })?;
     // Watch the directory (or the file's directory): editors and Kubernetes replace files by
     // rename, which a watch on the file itself would lose.
-    let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")) };
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    };
     watcher.watch(&dir, RecursiveMode::Recursive)?;
     tokio::spawn(async move {
         while raw_rx.recv().await.is_some() {
