@@ -166,8 +166,16 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         secrets_namespaces: args.secrets_namespaces,
         set_log_level: Some(set_log_level),
         hooks: None,
+        fast_path: match args.fast_path.as_str() {
+            "off" => None,
+            mode => Some(sluice_bpf::FastPathConfig {
+                mode: mode.parse().map_err(|e| anyhow::anyhow!("--fast-path: {e}"))?,
+                cgroup: args.fast_path_cgroup.clone(),
+                ..Default::default()
+            }),
+        },
     };
-    let _ = (&args.fast_path, &args.fast_path_cgroup, &args.otlp_endpoint, &args.otlp_protocol, args.trace_sampling);
+    let _ = (&args.otlp_endpoint, &args.otlp_protocol, args.trace_sampling);
     sluice_proxy::run(source, config)?;
     Ok(ExitCode::SUCCESS)
 }

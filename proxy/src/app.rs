@@ -40,6 +40,8 @@ pub struct Config {
     /// Changes the log filter at runtime (`/logging?level=`).
     pub set_log_level: Option<LogLevelSetter>,
     pub hooks: Option<Arc<dyn DataPlaneHooks>>,
+    /// The eBPF fast path (`--fast-path`); `None` is off.
+    pub fast_path: Option<sluice_bpf::FastPathConfig>,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             secrets_namespaces: vec!["cilium-secrets".into()],
             set_log_level: None,
             hooks: None,
+            fast_path: None,
         }
     }
 }
@@ -71,7 +74,15 @@ pub fn run(source: Source, config: Config) -> Result<()> {
 async fn run_async(source: Source, config: Config) -> Result<()> {
     let hub = SnapshotHub::new();
     let certs = Arc::new(CertStore::new());
-    let hooks: Arc<dyn DataPlaneHooks> = config.hooks.clone().unwrap_or_else(|| Arc::new(NoHooks));
+    let fast_path = match config.fast_path.clone() {
+        Some(cfg) => crate::fastpath::start(cfg).context("the eBPF fast path could not start")?,
+        None => None,
+    };
+    let hooks: Arc<dyn DataPlaneHooks> = match (&config.hooks, &fast_path) {
+        (Some(h), _) => h.clone(),
+        (None, Some(fp)) => fp.clone(),
+        (None, None) => Arc::new(NoHooks),
+    };
     let clusters =
         ClusterManager::new(Arc::new(crate::upstream_hooks::Hooks { certs: certs.clone(), datapath: hooks.clone() }));
     let stats = Arc::new(Stats::new());
@@ -92,6 +103,9 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
             certs.update_secrets(&s.secrets);
             clusters.update(s);
         });
+    }
+    if let Some(fp) = fast_path.clone() {
+        control.on_snapshot(move |s| fp.on_snapshot(s));
     }
 
     let shared = Arc::new(Shared {

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod control;
+pub mod fastpath;
 pub mod http;
 pub mod listener;
 pub mod metrics;

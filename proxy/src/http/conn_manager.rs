@@ -236,6 +236,7 @@ pub fn prepare(
         scheme,
         internal,
         client: SocketAddr::new(client_ip, conn.remote.port()),
+        hostname: hostname(),
     })
 }
 
@@ -392,6 +393,17 @@ fn append_xff(h: &mut http::HeaderMap, ip: IpAddr) {
 /// `internal_address_config` (Envoy >= 1.33 defaults to none).
 fn is_internal(ip: IpAddr, cidrs: &[CidrRange]) -> bool {
     cidrs.iter().any(|c| c.contains(ip))
+}
+
+/// The node's host name, read once.
+fn hostname() -> Arc<str> {
+    static NAME: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| Arc::from(s.trim()))
+            .unwrap_or_else(|_| Arc::from("localhost"))
+    })
+    .clone()
 }
 
 fn new_request_id() -> HeaderValue {

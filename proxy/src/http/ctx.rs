@@ -76,4 +76,6 @@ pub struct RequestCtx {
     pub internal: bool,
     /// The effective client address (from XFF with trusted hops, or the peer).
     pub client: SocketAddr,
+    /// This node's host name (`%HOSTNAME%`).
+    pub hostname: Arc<str>,
 }

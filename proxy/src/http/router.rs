@@ -108,7 +108,7 @@ fn suppress_envoy_headers(ctx: &RequestCtx) -> bool {
 
 pub fn template_ctx<'a>(ctx: &'a RequestCtx, request_headers: Option<&'a http::HeaderMap>) -> TemplateContext<'a> {
     let mut t = TemplateContext::new(ctx.client, ctx.conn.local);
-    t.hostname = "";
+    t.hostname = &ctx.hostname;
     t.protocol = ctx.protocol;
     t.start_time = ctx.start_time;
     t.requested_server_name = ctx.conn.tls.as_ref().and_then(|t| t.sni.as_deref());
@@ -180,6 +180,9 @@ fn route_request(mut req: Request<Body>) -> Decision {
                     None => Response::new(body::empty()),
                 };
                 *resp.status_mut() = StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK);
+                if let Some(loc) = route::direct_response_location(d.status, &view) {
+                    resp.headers_mut().insert(header::LOCATION, loc);
+                }
                 resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
                 let tctx = template_ctx(&ctx, Some(req.headers()));
                 route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
@@ -232,11 +235,7 @@ fn route_request(mut req: Request<Body>) -> Decision {
     if let Some(host) = route::rewrite_host(action, routed.weighted_cluster(), req.headers(), &path)
         && let Ok(v) = HeaderValue::from_str(&host)
     {
-        let original = req.headers().get(header::HOST).cloned();
         req.headers_mut().insert(header::HOST, v);
-        if let Some(o) = original {
-            req.headers_mut().insert("x-forwarded-host", o);
-        }
     }
     if let Some(new_path) = route::rewrite_path(action, &route.matcher.path, route.matcher.case_sensitive, &path)
         && let Ok(uri) = Uri::try_from(new_path.as_str())
