@@ -10,3 +10,4 @@ pub mod retry;
 pub mod router;
 pub mod server;
 pub mod stack;
+pub mod upgrade;

@@ -3,7 +3,8 @@
 //! 1. [`conn_manager`](super::conn_manager): Envoy's HCM semantics and request timeouts;
 //! 2. [`grpc_web`](super::grpc_web): gRPC-Web <-> gRPC when the filter is configured;
 //! 3. [`router`](super::router): route selection, local replies, header mutations, rewrites;
-//! 4. [`forward`](super::forward): timeouts, retries, mirrors, load balancing, pools.
+//! 4. [`upgrade`](super::upgrade): WebSocket and other upgrades on a dedicated connection;
+//! 5. [`forward`](super::forward): timeouts, retries, mirrors, load balancing, pools.
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use super::conn_manager::{ConnConfig, ConnManagerLayer};
 use super::ctx::ConnInfo;
 use super::forward::Forward;
 use super::router::RouterLayer;
+use super::upgrade::UpgradeLayer;
 use crate::runtime::Worker;
 
 pub fn build(
@@ -34,5 +36,6 @@ pub fn build(
         .layer(ConnManagerLayer::new(config))
         .layer(super::grpc_web::GrpcWebLayer)
         .layer(RouterLayer)
+        .layer(UpgradeLayer::new(worker.clone()))
         .service(Forward::new(worker))
 }
