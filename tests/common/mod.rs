@@ -49,7 +49,8 @@ impl Sluice {
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let seed = std::process::id() as usize * 31 + n * 7 + nanos as usize;
-        let lo = 20000 + (seed % 1000) as u16 * 20;
+        // Below the kernel's ephemeral range (32768+), so outgoing connections never take them.
+        let lo = 20000 + (seed % 600) as u16 * 20;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.args(["run", "--config"])
             .arg(dir.path())

@@ -138,7 +138,7 @@ mod tests {
     #[test]
     fn v1() {
         let (a, n) = parse(b"PROXY TCP4 192.0.2.1 198.51.100.1 56324 443\r\nGET").unwrap().unwrap();
-        assert_eq!(n, 44);
+        assert_eq!(n, 45);
         let (s, d) = a.unwrap();
         assert_eq!(s, "192.0.2.1:56324".parse().unwrap());
         assert_eq!(d, "198.51.100.1:443".parse().unwrap());
