@@ -105,7 +105,13 @@ impl Sluice {
                     .as_array()
                     .and_then(|a| a.iter().filter_map(|x| x.as_str()).find(|x| !x.starts_with('[')))
             }) {
-                return addr.parse().expect("address");
+                // Listed is not yet bound: wait until the workers accept on it.
+                let addr: SocketAddr = addr.parse().expect("address");
+                while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                    assert!(Instant::now() < deadline, "listener {name} at {addr} never accepted");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                return addr;
             }
             assert!(Instant::now() < deadline, "listener {name} not found in {body}");
             std::thread::sleep(Duration::from_millis(20));
