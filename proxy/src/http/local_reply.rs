@@ -128,19 +128,21 @@ pub fn reply(reason: LocalReason, status: StatusCode, text: &str, grpc: bool) ->
         let h = r.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         h.insert("grpc-status", HeaderValue::from(grpc_status_for(status)));
-        let msg = if text.is_empty() { status.canonical_reason().unwrap_or("") } else { text };
-        if let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(msg)) {
+        // Like Envoy, a reply without text carries no grpc-message.
+        if !text.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(text))
+        {
             h.insert("grpc-message", v);
         }
         r
     } else {
         let mut r = Response::new(if text.is_empty() { body::empty() } else { body::full(text.to_string()) });
         *r.status_mut() = status;
+        // An empty reply carries no content-length (HTTP/1.1 framing adds `0` by itself; over
+        // HTTP/2 Envoy sends none).
         if !text.is_empty() {
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
-        } else {
-            r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(0));
         }
         r
     };
@@ -192,6 +194,7 @@ mod tests {
         assert_eq!(r.headers()["content-type"], "application/grpc");
         let r = local_reply(LocalReason::NoRoute, true);
         assert_eq!(r.headers()["grpc-status"], "12");
+        assert!(r.headers().get("grpc-message").is_none(), "no text, no grpc-message (as Envoy)");
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //!   The answer carries `Access-Control-Allow-Origin` (only for an allowed origin),
 //!   `-Allow-Credentials: true`, `-Allow-Methods` and `-Allow-Headers` (`*` echoes the request's
 //!   `Access-Control-Request-Method` / `-Headers`), `-Max-Age`, and
-//!   `-Allow-Private-Network: true` when allowed and requested.
+//!   `-Allow-Private-Network: true` when allowed and requested. The filter's own
+//!   `encodeHeaders` then runs on that answer too, so for an allowed origin it also carries
+//!   `-Expose-Headers` (observed with Envoy 1.40.0; `decodeHeaders` alone does not set it).
 //! - Any other request from an allowed origin is forwarded and its response gets
 //!   `Access-Control-Allow-Origin: <origin>`, `-Allow-Credentials: true` (if set) and
 //!   `-Expose-Headers` (if set), overwriting what the upstream sent.
@@ -139,6 +141,11 @@ pub fn cors(route: Option<&CorsPolicy>, vhost: Option<&CorsPolicy>, req: &Reques
     {
         h.insert(HeaderName::from_static("access-control-allow-private-network"), HeaderValue::from_static("true"));
     }
+    // Envoy's encodeHeaders on its own local answer: Allow-Origin and Allow-Credentials are
+    // already there; Expose-Headers is added for an allowed origin.
+    if allowed && let Some(v) = policies.string(|p| &p.expose_headers).and_then(config_value) {
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+    }
     CorsDecision::Preflight(resp)
 }
 
@@ -235,7 +242,8 @@ mod tests {
         assert_eq!(header(&resp, "access-control-allow-methods").as_deref(), Some("GET, POST"));
         assert_eq!(header(&resp, "access-control-allow-headers").as_deref(), Some("x-custom"));
         assert_eq!(header(&resp, "access-control-max-age").as_deref(), Some("600"));
-        assert_eq!(header(&resp, "access-control-expose-headers"), None, "not on preflights");
+        // Envoy's CORS filter encodes its own preflight answer like any response.
+        assert_eq!(header(&resp, "access-control-expose-headers").as_deref(), Some("x-exposed"));
     }
 
     #[test]
@@ -268,6 +276,7 @@ mod tests {
         };
         assert_eq!(header(&resp, "access-control-allow-origin"), None);
         assert_eq!(header(&resp, "access-control-allow-methods").as_deref(), Some("GET, POST"));
+        assert_eq!(header(&resp, "access-control-expose-headers"), None, "only for an allowed origin");
     }
 
     #[test]

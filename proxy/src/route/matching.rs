@@ -2,11 +2,18 @@
 //!
 //! Verified against Envoy's sources:
 //! - `source/common/http/header_utility.cc` (`matchHeaders`, `getAllOfHeaderAsString`):
-//!   a header present several times is matched as its values joined with `,`; a missing
-//!   header never matches (even inverted) unless `treat_missing_header_as_empty`, except
-//!   `present_match`, which is `(present == wanted) != invert_match`; `range_match` is
+//!   a missing header never matches (even inverted) unless `treat_missing_header_as_empty`,
+//!   except `present_match`, which is `(present == wanted) != invert_match`; `range_match` is
 //!   `start <= v < end` on the value parsed with `absl::SimpleAtoi` (surrounding ASCII
 //!   whitespace and a sign allowed).
+//! - A header present several times: Envoy 1.40 matches each value on its own and the matcher
+//!   holds when any value matches (`invert_match` then negates that: no value may match) —
+//!   the runtime guard `envoy.reloadable_features.match_headers_individually`, on by default;
+//!   earlier releases matched the values joined with `,`. Envoy's header map keeps some
+//!   headers as one entry, appending repeats with `,` as they arrive (its "inline" headers:
+//!   `user-agent`, `x-forwarded-for`, `content-type`, `authorization`, ...), and its HTTP/2
+//!   codec rejoins `cookie` crumbs with `; `; those are matched joined. [`COALESCED`] lists
+//!   them; the list was checked header by header against Envoy 1.40.0.
 //! - `source/common/http/utility.cc` (`QueryParamsMulti::parseQueryString`): query parameters
 //!   are split on `&` and the first `=`, **not** percent-decoded, and only the first value of a
 //!   repeated name is matched.
@@ -71,35 +78,119 @@ fn contains_ignore_ascii_case(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
 }
 
-/// The value a header matcher sees: pseudo-headers come from the request line, a repeated
-/// header is joined with `,` (Envoy's `getAllOfHeaderAsString`; the only allocating case).
+/// What a header matcher compares for one header name.
+pub(crate) enum Values<'r> {
+    /// One value: a pseudo-header, a header sent once, or a repeated header Envoy keeps as one
+    /// entry (joined).
+    One(Cow<'r, str>),
+    /// A header sent several times that Envoy keeps as separate entries: each value is matched
+    /// on its own.
+    Each(http::header::GetAll<'r, http::HeaderValue>),
+}
+
+/// The values a header matcher sees: pseudo-headers come from the request line; a repeated
+/// header is either joined (the [`COALESCED`] headers, allocating) or matched value by value.
 ///
 /// Sluice choice: `host` is treated as an alias of `:authority`. Envoy's codecs move the
 /// HTTP/1.1 `Host` header into `:authority`, so Envoy never sees a `host` entry; treating both
 /// names alike gives the same answer for HTTP/1.1 and HTTP/2.
-pub(crate) fn header_value<'r>(req: &RequestView<'r>, name: &str) -> Option<Cow<'r, str>> {
+pub(crate) fn header_values<'r>(req: &RequestView<'r>, name: &str) -> Option<Values<'r>> {
     if let Some(pseudo) = name.strip_prefix(':') {
         return match pseudo {
-            "method" => Some(Cow::Borrowed(req.method.as_str())),
-            "authority" => Some(Cow::Borrowed(req.authority)),
-            "path" => (!req.path.is_empty()).then_some(Cow::Borrowed(req.path)),
-            "scheme" => Some(Cow::Borrowed(req.scheme)),
+            "method" => Some(Values::One(Cow::Borrowed(req.method.as_str()))),
+            "authority" => Some(Values::One(Cow::Borrowed(req.authority))),
+            "path" => (!req.path.is_empty()).then_some(Values::One(Cow::Borrowed(req.path))),
+            "scheme" => Some(Values::One(Cow::Borrowed(req.scheme))),
             _ => None,
         };
     }
     if name == "host" {
-        return Some(Cow::Borrowed(req.authority));
+        return Some(Values::One(Cow::Borrowed(req.authority)));
     }
-    match joined(req.headers, name) {
-        Some(v) => Some(v),
+    let all = req.headers.get_all(name);
+    let mut it = all.iter();
+    match (it.next(), it.next()) {
         // Envoy's connection manager always sets x-forwarded-proto before routing.
-        None if name == "x-forwarded-proto" && !req.scheme.is_empty() => Some(Cow::Borrowed(req.scheme)),
-        None => None,
+        (None, _) if name == "x-forwarded-proto" && !req.scheme.is_empty() => {
+            Some(Values::One(Cow::Borrowed(req.scheme)))
+        }
+        (None, _) => None,
+        (Some(only), None) => Some(Values::One(lossy(only.as_bytes()))),
+        (Some(_), Some(_)) if name == "cookie" => joined(req.headers, name, "; ").map(Values::One),
+        (Some(_), Some(_)) if COALESCED.binary_search(&name).is_ok() => joined(req.headers, name, ",").map(Values::One),
+        (Some(_), Some(_)) => Some(Values::Each(all)),
     }
 }
 
-/// All values of `name` joined with `,`, borrowing when there is exactly one.
-pub(crate) fn joined<'h>(headers: &'h HeaderMap, name: &str) -> Option<Cow<'h, str>> {
+/// Headers Envoy's request header map keeps as a single entry, appending a repeated value with
+/// `,`: its built-in inline headers (`INLINE_REQ_HEADERS` and `INLINE_REQ_RESP_HEADERS` in
+/// `envoy/http/header_map.h`) and the custom inline headers Envoy's extensions register
+/// (`accept`, `authorization`, `origin`, ...), as observed in Envoy 1.40.0. Repeats of any
+/// other header stay separate entries.
+pub(crate) const COALESCED: &[&str] = &[
+    "accept",
+    "accept-encoding",
+    "access-control-request-headers",
+    "access-control-request-method",
+    "authorization",
+    "cache-control",
+    "connection",
+    "content-encoding",
+    "content-length",
+    "content-type",
+    "expect",
+    "grpc-accept-encoding",
+    "grpc-timeout",
+    "if-match",
+    "if-modified-since",
+    "if-none-match",
+    "if-range",
+    "if-unmodified-since",
+    "keep-alive",
+    "origin",
+    "pragma",
+    "proxy-connection",
+    "proxy-status",
+    "referer",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "user-agent",
+    "via",
+    "x-client-trace-id",
+    "x-envoy-attempt-count",
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-external-address",
+    "x-envoy-force-trace",
+    "x-envoy-hedge-on-per-try-timeout",
+    "x-envoy-internal",
+    "x-envoy-ip-tags",
+    "x-envoy-max-retries",
+    "x-envoy-original-host",
+    "x-envoy-original-path",
+    "x-envoy-original-url",
+    "x-envoy-retriable-header-names",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retry-on",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-stream-duration-ms",
+    "x-forwarded-client-cert",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
+/// All values of `name` joined with `separator`, borrowing when there is exactly one.
+pub(crate) fn joined<'h>(headers: &'h HeaderMap, name: &str, separator: &str) -> Option<Cow<'h, str>> {
     let mut it = headers.get_all(name).iter();
     let first = it.next()?;
     let Some(second) = it.next() else {
@@ -108,7 +199,7 @@ pub(crate) fn joined<'h>(headers: &'h HeaderMap, name: &str) -> Option<Cow<'h, s
     let mut out = String::with_capacity(first.len() + second.len() + 8);
     out.push_str(&lossy(first.as_bytes()));
     for v in std::iter::once(second).chain(it) {
-        out.push(',');
+        out.push_str(separator);
         out.push_str(&lossy(v.as_bytes()));
     }
     Some(Cow::Owned(out))
@@ -123,20 +214,22 @@ fn lossy(b: &[u8]) -> Cow<'_, str> {
 
 /// One `HeaderMatcher` against the request (Envoy's `HeaderUtility::matchHeaders`).
 pub fn header_matches(m: &HeaderMatcher, req: &RequestView<'_>) -> bool {
-    let value = header_value(req, &m.name);
+    let values = header_values(req, &m.name);
     match &m.spec {
-        HeaderMatchSpec::Present(want) => (value.is_some() == *want) != m.invert_match,
-        HeaderMatchSpec::String(s) => value_matches(m, value, |v| string_matches(s, v)),
+        HeaderMatchSpec::Present(want) => (values.is_some() == *want) != m.invert_match,
+        HeaderMatchSpec::String(s) => value_matches(m, values, |v| string_matches(s, v)),
         HeaderMatchSpec::Range { start, end } => {
-            value_matches(m, value, |v| parse_int(v).is_some_and(|n| *start <= n && n < *end))
+            value_matches(m, values, |v| parse_int(v).is_some_and(|n| *start <= n && n < *end))
         }
     }
 }
 
-/// A value matcher: a missing header fails, inverted or not, unless it is treated as empty.
-fn value_matches(m: &HeaderMatcher, value: Option<Cow<'_, str>>, f: impl FnOnce(&str) -> bool) -> bool {
-    let matched = match value {
-        Some(v) => f(&v),
+/// A value matcher: a missing header fails, inverted or not, unless it is treated as empty;
+/// separate values match when any of them does, and `invert_match` negates the outcome.
+fn value_matches(m: &HeaderMatcher, values: Option<Values<'_>>, f: impl Fn(&str) -> bool) -> bool {
+    let matched = match values {
+        Some(Values::One(v)) => f(&v),
+        Some(Values::Each(all)) => all.iter().any(|v| f(&lossy(v.as_bytes()))),
         None if m.treat_missing_header_as_empty => f(""),
         None => return false,
     };
@@ -275,13 +368,55 @@ mod tests {
     }
 
     #[test]
-    fn repeated_headers_are_joined_with_commas() {
+    fn repeated_headers_match_value_by_value() {
+        // Envoy 1.40 (`match_headers_individually`): any value may match; the joined string
+        // is not what is compared.
         let mut h = HeaderMap::new();
-        h.append("x-tag", HeaderValue::from_static("a"));
-        h.append("x-tag", HeaderValue::from_static("b"));
+        for v in ["a", "b", "c"] {
+            h.append("x-tag", HeaderValue::from_static(v));
+        }
+        let req = view(Method::GET, "/", "h", &h);
+        let string = |k| HeaderMatchSpec::String(sm(k, false));
+        assert!(header_matches(&hm("x-tag", exact("b"), false, false), &req));
+        assert!(header_matches(&hm("x-tag", exact("c"), false, false), &req));
+        assert!(!header_matches(&hm("x-tag", exact("a,b,c"), false, false), &req));
+        assert!(!header_matches(&hm("x-tag", string(StringMatchKind::Contains(",".into())), false, false), &req));
+        // Inverted: true only when no value matches.
+        assert!(!header_matches(&hm("x-tag", exact("b"), true, false), &req));
+        assert!(header_matches(&hm("x-tag", exact("d"), true, false), &req));
+        // Ranges too: one parsable value in range is enough.
+        let mut n = HeaderMap::new();
+        n.append("x-n", HeaderValue::from_static("x"));
+        n.append("x-n", HeaderValue::from_static("5"));
+        let req = view(Method::GET, "/", "h", &n);
+        assert!(header_matches(&hm("x-n", HeaderMatchSpec::Range { start: 1, end: 10 }, false, false), &req));
+    }
+
+    #[test]
+    fn a_single_value_with_commas_is_not_split() {
+        let mut h = HeaderMap::new();
+        h.insert("x-tag", HeaderValue::from_static("a,b"));
         let req = view(Method::GET, "/", "h", &h);
         assert!(header_matches(&hm("x-tag", exact("a,b"), false, false), &req));
         assert!(!header_matches(&hm("x-tag", exact("a"), false, false), &req));
+    }
+
+    #[test]
+    fn headers_envoy_keeps_as_one_entry_are_joined() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [("x-forwarded-for", "1.1.1.1"), ("x-forwarded-for", "2.2.2.2"), ("user-agent", "a")] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        h.append("user-agent", HeaderValue::from_static("b"));
+        h.append("cookie", HeaderValue::from_static("a=1"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
+        let req = view(Method::GET, "/", "h", &h);
+        assert!(header_matches(&hm("x-forwarded-for", exact("1.1.1.1,2.2.2.2"), false, false), &req));
+        assert!(!header_matches(&hm("x-forwarded-for", exact("2.2.2.2"), false, false), &req));
+        assert!(header_matches(&hm("user-agent", exact("a,b"), false, false), &req));
+        // HTTP/2 cookie crumbs are rejoined with "; " by Envoy's codec.
+        assert!(header_matches(&hm("cookie", exact("a=1; b=2"), false, false), &req));
+        assert!(COALESCED.windows(2).all(|w| w[0] < w[1]), "kept sorted, without duplicates");
     }
 
     #[test]

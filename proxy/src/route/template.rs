@@ -131,7 +131,7 @@ fn request_header<'h>(spec: &str, ctx: &TemplateContext<'h>, headers: &'h Header
         }
         match headers.get(name) {
             Some(v) => Some(String::from_utf8_lossy(v.as_bytes())),
-            // `host` is `:authority` in Envoy; see `matching::header_value`.
+            // `host` is `:authority` in Envoy; see `matching::header_values`.
             None if name == "host" && !ctx.request.authority.is_empty() => Some(Cow::Borrowed(ctx.request.authority)),
             None => None,
         }
