@@ -103,32 +103,22 @@ pub(crate) fn load_pair(
 ) -> Result<LoadedCert, CertError> {
     let chain = parse_certificates(what, chain_pem)?;
     let Some(leaf) = chain.first() else {
-        return Err(CertError::NoCertificate {
-            what: what.to_string(),
-        });
+        return Err(CertError::NoCertificate { what: what.to_string() });
     };
-    let info = CertInfo::parse(leaf.as_ref()).map_err(|detail| CertError::BadCertificate {
-        what: what.to_string(),
-        detail,
-    })?;
+    let info = CertInfo::parse(leaf.as_ref())
+        .map_err(|detail| CertError::BadCertificate { what: what.to_string(), detail })?;
     check_validity(what, &info, now)?;
 
     let key = parse_private_key(what, key_pem)?;
-    let signing_key =
-        provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| CertError::BadPrivateKey {
-                what: what.to_string(),
-                detail: e.to_string(),
-            })?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| CertError::BadPrivateKey { what: what.to_string(), detail: e.to_string() })?;
     let certified = CertifiedKey::new(chain, signing_key);
     match certified.keys_match() {
         Ok(()) => {}
         Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-            return Err(CertError::KeyMismatch {
-                what: what.to_string(),
-            });
+            return Err(CertError::KeyMismatch { what: what.to_string() });
         }
         // Every key type the ring provider loads can report its public key, so this is not
         // expected; if a future provider cannot, the first handshake would fail visibly.
@@ -136,35 +126,20 @@ pub(crate) fn load_pair(
             tracing::warn!(%what, "cannot check that the private key matches the certificate");
         }
         Err(e) => {
-            return Err(CertError::BadCertificate {
-                what: what.to_string(),
-                detail: e.to_string(),
-            });
+            return Err(CertError::BadCertificate { what: what.to_string(), detail: e.to_string() });
         }
     }
     let server_names = info.server_names();
-    Ok(LoadedCert {
-        certified: Arc::new(certified),
-        info,
-        server_names,
-    })
+    Ok(LoadedCert { certified: Arc::new(certified), info, server_names })
 }
 
 /// All certificates of a PEM bundle, in order.
-pub(crate) fn parse_certificates(
-    what: &str,
-    pem_bytes: &[u8],
-) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn parse_certificates(what: &str, pem_bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs = CertificateDer::pem_slice_iter(pem_bytes)
         .collect::<Result<Vec<_>, pem::Error>>()
-        .map_err(|e| CertError::BadCertificate {
-            what: what.to_string(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| CertError::BadCertificate { what: what.to_string(), detail: e.to_string() })?;
     if certs.is_empty() {
-        return Err(CertError::NoCertificate {
-            what: what.to_string(),
-        });
+        return Err(CertError::NoCertificate { what: what.to_string() });
     }
     Ok(certs)
 }
@@ -180,25 +155,16 @@ fn parse_private_key(what: &str, pem_bytes: &[u8]) -> Result<PrivateKeyDer<'stat
                 ""
             },
         }),
-        Err(e) => Err(CertError::BadPrivateKey {
-            what: what.to_string(),
-            detail: e.to_string(),
-        }),
+        Err(e) => Err(CertError::BadPrivateKey { what: what.to_string(), detail: e.to_string() }),
     }
 }
 
 fn check_validity(what: &str, info: &CertInfo, now: i64) -> Result<(), CertError> {
     if now > info.not_after {
-        return Err(CertError::Expired {
-            what: what.to_string(),
-            not_after: rfc3339(info.not_after),
-        });
+        return Err(CertError::Expired { what: what.to_string(), not_after: rfc3339(info.not_after) });
     }
     if info.not_before > now.saturating_add(NOT_BEFORE_SKEW_SECS) {
-        return Err(CertError::NotYetValid {
-            what: what.to_string(),
-            not_before: rfc3339(info.not_before),
-        });
+        return Err(CertError::NotYetValid { what: what.to_string(), not_before: rfc3339(info.not_before) });
     }
     Ok(())
 }

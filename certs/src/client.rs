@@ -39,18 +39,11 @@ pub(crate) fn build(inner: &Inner, tls: &UpstreamTls) -> Result<Arc<ClientConfig
             None
         }
     };
-    let client_certs = tls
-        .certificates
-        .iter()
-        .map(|r| inner.cert_slot(r))
-        .collect::<Result<Vec<_>, _>>()?;
+    let client_certs = tls.certificates.iter().map(|r| inner.cert_slot(r)).collect::<Result<Vec<_>, _>>()?;
 
     let builder = ClientConfig::builder_with_provider(protocol.provider.clone())
         .with_protocol_versions(&protocol.versions)
-        .map_err(|source| CertError::Rustls {
-            what: "TLS parameters".into(),
-            source,
-        })?
+        .map_err(|source| CertError::Rustls { what: "TLS parameters".into(), source })?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(UpstreamVerifier {
             validation,
@@ -60,9 +53,7 @@ pub(crate) fn build(inner: &Inner, tls: &UpstreamTls) -> Result<Arc<ClientConfig
     let mut config = if client_certs.is_empty() {
         builder.with_no_client_auth()
     } else {
-        builder.with_client_cert_resolver(Arc::new(LiveClientCerts {
-            slots: client_certs,
-        }))
+        builder.with_client_cert_resolver(Arc::new(LiveClientCerts { slots: client_certs }))
     };
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     config.enable_sni = tls.sni.as_deref().is_some_and(|s| !s.is_empty()) || tls.auto_sni;
@@ -77,9 +68,7 @@ pub(crate) fn server_name(tls: &UpstreamTls, host: &str) -> Result<ServerName<'s
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Ok(ServerName::IpAddress(ip.into()));
     }
-    ServerName::try_from(name.to_string()).map_err(|_| CertError::BadServerName {
-        name: name.to_string(),
-    })
+    ServerName::try_from(name.to_string()).map_err(|_| CertError::BadServerName { name: name.to_string() })
 }
 
 /// `host:port`, `[v6]:port`, `[v6]` -> the host part.
@@ -117,21 +106,14 @@ impl ServerCertVerifier for UpstreamVerifier {
         let check_name = validation.matchers.is_empty() && self.auto_san_validation;
         if let Some(verifier) = &validation.server_verifier {
             let chain = with_expiry_policy(validation.allow_expired, end_entity, now, |at| {
-                verifier.verify_server_cert(
-                    end_entity,
-                    intermediates,
-                    server_name,
-                    ocsp_response,
-                    at,
-                )
+                verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, at)
             });
             match chain {
                 Ok(_) => {}
                 // webpki checks the name only after the whole chain (signatures, validity,
                 // revocation) verified, so a name mismatch means the chain itself is good.
                 Err(rustls::Error::InvalidCertificate(
-                    CertificateError::NotValidForName
-                    | CertificateError::NotValidForNameContext { .. },
+                    CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
                 )) if !check_name => {}
                 Err(e) => return Err(e),
             }
@@ -150,12 +132,7 @@ impl ServerCertVerifier for UpstreamVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -164,18 +141,11 @@ impl ServerCertVerifier for UpstreamVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -186,11 +156,7 @@ struct LiveClientCerts {
 }
 
 impl ResolvesClientCert for LiveClientCerts {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         let mut first = None;
         for slot in &self.slots {
             let cert = slot.current();

@@ -11,11 +11,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum CertError {
     #[error("{what}: cannot read {path}: {source}")]
-    Read {
-        what: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { what: String, path: PathBuf, source: std::io::Error },
 
     #[error("{what}: environment variable {var} is not set")]
     EnvVar { what: String, var: String },
@@ -24,12 +20,7 @@ pub enum CertError {
     SecretNotFound { what: String, name: String },
 
     #[error("{what}: secret {name} is a {actual}, expected a {expected}")]
-    WrongSecretKind {
-        what: String,
-        name: String,
-        actual: &'static str,
-        expected: &'static str,
-    },
+    WrongSecretKind { what: String, name: String, actual: &'static str, expected: &'static str },
 
     #[error("{what}: no PEM certificate found")]
     NoCertificate { what: String },
@@ -59,11 +50,7 @@ pub enum CertError {
     BadCrl { what: String, detail: String },
 
     #[error("{what}: session ticket key {index} is {len} bytes, expected 80")]
-    BadTicketKey {
-        what: String,
-        index: usize,
-        len: usize,
-    },
+    BadTicketKey { what: String, index: usize, len: usize },
 
     #[error("{what}: no session ticket keys")]
     NoTicketKeys { what: String },
@@ -74,9 +61,7 @@ pub enum CertError {
     #[error("unknown or unsupported ECDH curve(s): {}", names.join(", "))]
     UnknownCurves { names: Vec<String> },
 
-    #[error(
-        "no supported TLS version between {min} and {max} (only TLSv1_2 and TLSv1_3 are supported)"
-    )]
+    #[error("no supported TLS version between {min} and {max} (only TLSv1_2 and TLSv1_3 are supported)")]
     NoTlsVersion { min: String, max: String },
 
     #[error("{0}")]

@@ -21,50 +21,29 @@ pub(crate) struct Protocol {
 static CIPHER_SUITES: &[(&[&str], SupportedCipherSuite)] = &[
     (&["TLS_AES_128_GCM_SHA256"], cs::TLS13_AES_128_GCM_SHA256),
     (&["TLS_AES_256_GCM_SHA384"], cs::TLS13_AES_256_GCM_SHA384),
+    (&["TLS_CHACHA20_POLY1305_SHA256"], cs::TLS13_CHACHA20_POLY1305_SHA256),
     (
-        &["TLS_CHACHA20_POLY1305_SHA256"],
-        cs::TLS13_CHACHA20_POLY1305_SHA256,
-    ),
-    (
-        &[
-            "ECDHE-ECDSA-AES128-GCM-SHA256",
-            "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-        ],
+        &["ECDHE-ECDSA-AES128-GCM-SHA256", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"],
         cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
     ),
     (
-        &[
-            "ECDHE-ECDSA-AES256-GCM-SHA384",
-            "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-        ],
+        &["ECDHE-ECDSA-AES256-GCM-SHA384", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"],
         cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
     ),
     (
-        &[
-            "ECDHE-ECDSA-CHACHA20-POLY1305",
-            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
-        ],
+        &["ECDHE-ECDSA-CHACHA20-POLY1305", "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"],
         cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
     ),
     (
-        &[
-            "ECDHE-RSA-AES128-GCM-SHA256",
-            "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
-        ],
+        &["ECDHE-RSA-AES128-GCM-SHA256", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"],
         cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
     ),
     (
-        &[
-            "ECDHE-RSA-AES256-GCM-SHA384",
-            "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
-        ],
+        &["ECDHE-RSA-AES256-GCM-SHA384", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"],
         cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
     ),
     (
-        &[
-            "ECDHE-RSA-CHACHA20-POLY1305",
-            "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
-        ],
+        &["ECDHE-RSA-CHACHA20-POLY1305", "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"],
         cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
     ),
 ];
@@ -91,10 +70,7 @@ pub(crate) fn protocol(params: &TlsParams) -> Result<Protocol, CertError> {
         let mut unknown = Vec::new();
         let mut chosen: Vec<SupportedCipherSuite> = Vec::new();
         for name in params.cipher_suites.iter().flat_map(|n| split_group(n)) {
-            match CIPHER_SUITES
-                .iter()
-                .find(|(names, _)| names.iter().any(|n| n.eq_ignore_ascii_case(name)))
-            {
+            match CIPHER_SUITES.iter().find(|(names, _)| names.iter().any(|n| n.eq_ignore_ascii_case(name))) {
                 Some((_, suite)) => {
                     if !chosen.iter().any(|c| c.suite() == suite.suite()) {
                         chosen.push(*suite);
@@ -111,30 +87,20 @@ pub(crate) fn protocol(params: &TlsParams) -> Result<Protocol, CertError> {
         let any13 = chosen.iter().any(|s| !is12(s));
         provider.cipher_suites.retain(|s| {
             let listed = chosen.iter().any(|c| c.suite() == s.suite());
-            if is12(s) {
-                listed || !any12
-            } else {
-                listed || !any13
-            }
+            if is12(s) { listed || !any12 } else { listed || !any13 }
         });
         // Keep the configured order within each family (server preference when the server
         // is configured to ignore the client's order).
-        provider.cipher_suites.sort_by_key(|s| {
-            chosen
-                .iter()
-                .position(|c| c.suite() == s.suite())
-                .unwrap_or(usize::MAX)
-        });
+        provider
+            .cipher_suites
+            .sort_by_key(|s| chosen.iter().position(|c| c.suite() == s.suite()).unwrap_or(usize::MAX));
     }
 
     if !params.ecdh_curves.is_empty() {
         let mut unknown = Vec::new();
         let mut groups: Vec<&'static dyn SupportedKxGroup> = Vec::new();
         for name in &params.ecdh_curves {
-            match CURVES
-                .iter()
-                .find(|(names, _)| names.iter().any(|n| n.eq_ignore_ascii_case(name)))
-            {
+            match CURVES.iter().find(|(names, _)| names.iter().any(|n| n.eq_ignore_ascii_case(name))) {
                 Some((_, group)) => {
                     if !groups.iter().any(|g| g.name() == group.name()) {
                         groups.push(*group);
@@ -149,16 +115,10 @@ pub(crate) fn protocol(params: &TlsParams) -> Result<Protocol, CertError> {
         provider.kx_groups = groups;
     }
 
-    Ok(Protocol {
-        provider: Arc::new(provider),
-        versions,
-    })
+    Ok(Protocol { provider: Arc::new(provider), versions })
 }
 
-fn versions(
-    min: TlsVersion,
-    max: TlsVersion,
-) -> Result<Vec<&'static SupportedProtocolVersion>, CertError> {
+fn versions(min: TlsVersion, max: TlsVersion) -> Result<Vec<&'static SupportedProtocolVersion>, CertError> {
     // Below 1.2 is clamped: the translator already warned that rustls has no TLS 1.0/1.1.
     let min = min.max(TlsVersion::V1_2);
     let mut versions = Vec::new();
@@ -169,10 +129,7 @@ fn versions(
         versions.push(&TLS12);
     }
     if versions.is_empty() {
-        return Err(CertError::NoTlsVersion {
-            min: format!("{min:?}"),
-            max: format!("{max:?}"),
-        });
+        return Err(CertError::NoTlsVersion { min: format!("{min:?}"), max: format!("{max:?}") });
     }
     Ok(versions)
 }
@@ -181,11 +138,7 @@ fn versions(
 fn split_group(name: &str) -> Vec<&str> {
     let trimmed = name.trim();
     match trimmed.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-        Some(inner) => inner
-            .split('|')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect(),
+        Some(inner) => inner.split('|').map(str::trim).filter(|s| !s.is_empty()).collect(),
         None => vec![trimmed],
     }
 }
@@ -196,10 +149,7 @@ mod tests {
     use rustls::CipherSuite;
 
     fn params(ciphers: &[&str]) -> TlsParams {
-        TlsParams {
-            cipher_suites: ciphers.iter().map(|s| s.to_string()).collect(),
-            ..TlsParams::default()
-        }
+        TlsParams { cipher_suites: ciphers.iter().map(|s| s.to_string()).collect(), ..TlsParams::default() }
     }
 
     fn suites(p: &Protocol) -> Vec<CipherSuite> {
@@ -222,76 +172,40 @@ mod tests {
                 CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
             ]
         );
-        assert_eq!(
-            s.len(),
-            6,
-            "three TLS 1.2 suites and all three TLS 1.3 suites: {s:?}"
-        );
+        assert_eq!(s.len(), 6, "three TLS 1.2 suites and all three TLS 1.3 suites: {s:?}");
         assert!(!s.contains(&CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256));
     }
 
     #[test]
     fn tls13_names_restrict_tls13() {
-        let p = protocol(&params(&[
-            "TLS_AES_128_GCM_SHA256",
-            "ECDHE-RSA-CHACHA20-POLY1305",
-        ]))
-        .unwrap();
+        let p = protocol(&params(&["TLS_AES_128_GCM_SHA256", "ECDHE-RSA-CHACHA20-POLY1305"])).unwrap();
         assert_eq!(
             suites(&p),
-            [
-                CipherSuite::TLS13_AES_128_GCM_SHA256,
-                CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
-            ]
+            [CipherSuite::TLS13_AES_128_GCM_SHA256, CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256]
         );
     }
 
     #[test]
     fn unknown_names_are_listed() {
-        let err = protocol(&params(&[
-            "AES128-SHA",
-            "ECDHE-RSA-AES128-GCM-SHA256",
-            "DES-CBC3-SHA",
-        ]))
-        .err()
-        .unwrap();
-        assert_eq!(
-            err.to_string(),
-            "unknown or unsupported cipher suite(s): AES128-SHA, DES-CBC3-SHA"
-        );
+        let err = protocol(&params(&["AES128-SHA", "ECDHE-RSA-AES128-GCM-SHA256", "DES-CBC3-SHA"])).err().unwrap();
+        assert_eq!(err.to_string(), "unknown or unsupported cipher suite(s): AES128-SHA, DES-CBC3-SHA");
     }
 
     #[test]
     fn versions_map_to_rustls() {
-        assert_eq!(
-            versions(TlsVersion::V1_0, TlsVersion::V1_3).unwrap().len(),
-            2
-        );
-        assert_eq!(
-            versions(TlsVersion::V1_3, TlsVersion::V1_3).unwrap(),
-            [&TLS13]
-        );
-        assert_eq!(
-            versions(TlsVersion::V1_2, TlsVersion::V1_2).unwrap(),
-            [&TLS12]
-        );
+        assert_eq!(versions(TlsVersion::V1_0, TlsVersion::V1_3).unwrap().len(), 2);
+        assert_eq!(versions(TlsVersion::V1_3, TlsVersion::V1_3).unwrap(), [&TLS13]);
+        assert_eq!(versions(TlsVersion::V1_2, TlsVersion::V1_2).unwrap(), [&TLS12]);
         assert!(versions(TlsVersion::V1_0, TlsVersion::V1_1).is_err());
     }
 
     #[test]
     fn curves_map_and_unknown_fail() {
-        let p = protocol(&TlsParams {
-            ecdh_curves: vec!["P-256".into(), "X25519".into()],
-            ..TlsParams::default()
-        })
-        .unwrap();
+        let p = protocol(&TlsParams { ecdh_curves: vec!["P-256".into(), "X25519".into()], ..TlsParams::default() })
+            .unwrap();
         assert_eq!(p.provider.kx_groups.len(), 2);
-        let err = protocol(&TlsParams {
-            ecdh_curves: vec!["X25519MLKEM768".into()],
-            ..TlsParams::default()
-        })
-        .err()
-        .unwrap();
+        let err =
+            protocol(&TlsParams { ecdh_curves: vec!["X25519MLKEM768".into()], ..TlsParams::default() }).err().unwrap();
         assert!(err.to_string().contains("X25519MLKEM768"));
     }
 }

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{
-    ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache,
-};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -31,22 +29,13 @@ pub(crate) fn build(
     previous: Option<&ServerConfig>,
 ) -> Result<(Arc<ServerConfig>, Vec<Dep>), CertError> {
     if tls.certificates.is_empty() {
-        return Err(CertError::InvalidContext(
-            "downstream TLS context has no certificate".into(),
-        ));
+        return Err(CertError::InvalidContext("downstream TLS context has no certificate".into()));
     }
-    let slots = tls
-        .certificates
-        .iter()
-        .map(|r| inner.cert_slot(r))
-        .collect::<Result<Vec<_>, _>>()?;
+    let slots = tls.certificates.iter().map(|r| inner.cert_slot(r)).collect::<Result<Vec<_>, _>>()?;
     let protocol = params::protocol(&tls.params)?;
     let builder = ServerConfig::builder_with_provider(protocol.provider.clone())
         .with_protocol_versions(&protocol.versions)
-        .map_err(|source| CertError::Rustls {
-            what: "TLS parameters".into(),
-            source,
-        })?;
+        .map_err(|source| CertError::Rustls { what: "TLS parameters".into(), source })?;
 
     let mut deps = Vec::new();
     let verifier: Option<Arc<dyn ClientCertVerifier>> = match &tls.validation {
@@ -101,12 +90,8 @@ pub(crate) fn build(
             (Some(keys), _) => Arc::new(LiveTickets::new(inner.ticket_slot(keys)?)),
             (None, Some(p)) => p.ticketer.clone(),
             // Random keys, rotated every 6 hours, kept for one more period to decrypt.
-            (None, None) => {
-                rustls::crypto::ring::Ticketer::new().map_err(|source| CertError::Rustls {
-                    what: "session ticketer".into(),
-                    source,
-                })?
-            }
+            (None, None) => rustls::crypto::ring::Ticketer::new()
+                .map_err(|source| CertError::Rustls { what: "session ticketer".into(), source })?,
         };
     }
     if tls.disable_stateful_session_resumption && tls.disable_stateless_session_resumption {
@@ -131,11 +116,9 @@ impl ResolvesServerCert for LiveServerCerts {
         let mut best: Option<(u8, Arc<CertifiedKey>)> = None;
         for slot in &self.slots {
             let cert = slot.current();
-            let names_match = sni.as_deref().is_some_and(|name| {
-                cert.server_names
-                    .iter()
-                    .any(|p| crate::x509::dns_name_matches(p, name))
-            });
+            let names_match = sni
+                .as_deref()
+                .is_some_and(|name| cert.server_names.iter().any(|p| crate::x509::dns_name_matches(p, name)));
             let can_sign = cert.certified.key.choose_scheme(schemes).is_some();
             let rank = (u8::from(names_match) << 1) | u8::from(can_sign);
             if best.as_ref().is_none_or(|(r, _)| rank > *r) {
@@ -183,9 +166,7 @@ impl ClientCertVerifier for LiveClientVerifier {
         let validation = self.slot.current();
         // A context that lost its CA (SDS update) fails closed.
         let Some(inner) = validation.client_verifier.as_ref() else {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::UnknownIssuer,
-            ));
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
         };
         with_expiry_policy(validation.allow_expired, end_entity, now, |at| {
             inner.verify_client_cert(end_entity, intermediates, at)
@@ -200,12 +181,7 @@ impl ClientCertVerifier for LiveClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -214,17 +190,10 @@ impl ClientCertVerifier for LiveClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }

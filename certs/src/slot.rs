@@ -33,11 +33,7 @@ pub(crate) trait Material: Sized + Send + Sync + 'static {
     fn source(spec: &Self::Spec) -> String;
 
     /// Reads and validates the material. Must not have side effects beyond reading.
-    fn load(
-        spec: &Self::Spec,
-        rec: &mut InputRecorder<'_>,
-        provider: &Arc<CryptoProvider>,
-    ) -> Result<Self, CertError>;
+    fn load(spec: &Self::Spec, rec: &mut InputRecorder<'_>, provider: &Arc<CryptoProvider>) -> Result<Self, CertError>;
 
     /// Admin status entries for this material.
     fn status(&self, name: &str, source: &str) -> Vec<MaterialStatus>;
@@ -81,10 +77,7 @@ impl<M: Material> Slot<M> {
             name: M::name(spec),
             current: ArcSwap::from_pointee(material),
             version: AtomicU64::new(0),
-            state: Mutex::new(SlotState {
-                inputs: rec.finish(),
-                last_error: None,
-            }),
+            state: Mutex::new(SlotState { inputs: rec.finish(), last_error: None }),
         }))
     }
 
@@ -107,11 +100,7 @@ impl<M: Material> Slot<M> {
     }
 
     /// Re-reads the material. On failure the current material stays in place.
-    pub fn reload(
-        &self,
-        secrets: &BTreeMap<String, Arc<Secret>>,
-        provider: &Arc<CryptoProvider>,
-    ) -> Reload {
+    pub fn reload(&self, secrets: &BTreeMap<String, Arc<Secret>>, provider: &Arc<CryptoProvider>) -> Reload {
         let mut state = self.lock();
         let mut rec = InputRecorder::new(secrets);
         match M::load(&self.spec, &mut rec, provider) {
@@ -142,10 +131,7 @@ impl<M: Material> Slot<M> {
 
 impl<M: Material> fmt::Debug for Slot<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Slot")
-            .field("kind", &M::KIND)
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("Slot").field("kind", &M::KIND).field("name", &self.name).finish()
     }
 }
 
@@ -157,9 +143,7 @@ pub(crate) struct Registry<M: Material> {
 
 impl<M: Material> Default for Registry<M> {
     fn default() -> Self {
-        Registry {
-            slots: Mutex::new(Vec::new()),
-        }
+        Registry { slots: Mutex::new(Vec::new()) }
     }
 }
 
@@ -174,11 +158,7 @@ impl<M: Material> Registry<M> {
     ) -> Result<(Arc<Slot<M>>, bool), CertError> {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         slots.retain(|w| w.strong_count() > 0);
-        if let Some(slot) = slots
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .find(|s| s.spec == *spec)
-        {
+        if let Some(slot) = slots.iter().filter_map(std::sync::Weak::upgrade).find(|s| s.spec == *spec) {
             return Ok((slot, false));
         }
         let slot = Slot::load(spec, secrets, provider)?;

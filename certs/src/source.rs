@@ -96,10 +96,7 @@ impl<'a> InputRecorder<'a> {
             DataSource::EnvironmentVariable(var) => match std::env::var_os(var) {
                 Some(v) => v.into_encoded_bytes(),
                 None => {
-                    return Err(CertError::EnvVar {
-                        what: what.to_string(),
-                        var: var.clone(),
-                    });
+                    return Err(CertError::EnvVar { what: what.to_string(), var: var.clone() });
                 }
             },
         };
@@ -117,10 +114,7 @@ impl<'a> InputRecorder<'a> {
         self.secrets
             .get(name)
             .cloned()
-            .ok_or_else(|| CertError::SecretNotFound {
-                what: what.to_string(),
-                name: name.to_string(),
-            })
+            .ok_or_else(|| CertError::SecretNotFound { what: what.to_string(), name: name.to_string() })
     }
 
     /// Mixes non-byte inputs (such as SAN matchers of an SDS validation context) into the
@@ -133,11 +127,7 @@ impl<'a> InputRecorder<'a> {
     pub fn finish(self) -> Inputs {
         let mut fingerprint = [0u8; 32];
         fingerprint.copy_from_slice(self.digest.finish().as_ref());
-        Inputs {
-            files: self.files,
-            secrets: self.secret_names,
-            fingerprint,
-        }
+        Inputs { files: self.files, secrets: self.secret_names, fingerprint }
     }
 }
 

@@ -24,7 +24,8 @@ pub struct MaterialStatus {
     pub sans: Vec<String>,
     /// RFC 3339, UTC.
     pub not_after: Option<String>,
-    /// Why the last reload was rejected, while the previous material is still serving.
+    /// Why the last reload was rejected, while the previous material is still serving; or,
+    /// with no `subject`, why the material never loaded (nothing is serving it).
     pub last_error: Option<String>,
 }
 

@@ -20,7 +20,7 @@ use crate::cert::LoadedCert;
 use crate::error::CertError;
 use crate::slot::{Material, Registry, Reload, Slot};
 use crate::source::Inputs;
-use crate::status::{ReloadCounters, StoreStatus};
+use crate::status::{MaterialStatus, ReloadCounters, StoreStatus};
 use crate::tickets::TicketKeys;
 use crate::validation::LoadedValidation;
 use crate::watch::DirWatcher;
@@ -37,10 +37,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions {
-            watch_files: true,
-            debounce: Duration::from_millis(100),
-        }
+        StoreOptions { watch_files: true, debounce: Duration::from_millis(100) }
     }
 }
 
@@ -59,9 +56,7 @@ pub struct CertStore {
 
 impl std::fmt::Debug for CertStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertStore")
-            .field("counters", &self.counters())
-            .finish_non_exhaustive()
+        f.debug_struct("CertStore").field("counters", &self.counters()).finish_non_exhaustive()
     }
 }
 
@@ -88,6 +83,10 @@ pub(crate) struct Inner {
     generation: AtomicU64,
     server_cache: Mutex<ConfigCache<DownstreamTls, ServerConfig>>,
     client_cache: Mutex<ConfigCache<UpstreamTls, ClientConfig>>,
+    /// Material whose first load failed, by (kind, name). There is no slot (nothing good to
+    /// serve), so without this the admin status would not show why a chain refuses its
+    /// connections. Cleared with each snapshot; the data plane's next use records it again.
+    failed_loads: Mutex<BTreeMap<(&'static str, String), MaterialStatus>>,
 }
 
 impl CertStore {
@@ -111,6 +110,7 @@ impl CertStore {
             generation: AtomicU64::new(0),
             server_cache: Mutex::new(ConfigCache::default()),
             client_cache: Mutex::new(ConfigCache::default()),
+            failed_loads: Mutex::new(BTreeMap::new()),
         });
         CertStore { inner }
     }
@@ -135,6 +135,7 @@ impl CertStore {
             .collect();
 
         let generation = inner.generation.fetch_add(1, Ordering::AcqRel);
+        lock(&inner.failed_loads).clear();
         lock(&inner.server_cache).prune(generation);
         lock(&inner.client_cache).prune(generation);
 
@@ -192,11 +193,7 @@ impl CertStore {
     /// request's host (`host`, port stripped) — which is what `auto_sni` sends and what
     /// `auto_san_validation` checks. When neither `sni` nor `auto_sni` is set, the client
     /// configuration does not send SNI at all (as Envoy) and this name is not checked.
-    pub fn server_name(
-        &self,
-        tls: &UpstreamTls,
-        host: &str,
-    ) -> Result<ServerName<'static>, CertError> {
+    pub fn server_name(&self, tls: &UpstreamTls, host: &str) -> Result<ServerName<'static>, CertError> {
         client::server_name(tls, host)
     }
 
@@ -220,16 +217,13 @@ impl CertStore {
         collect_status(&inner.certs, &mut material);
         collect_status(&inner.validations, &mut material);
         collect_status(&inner.tickets, &mut material);
+        material.extend(lock(&inner.failed_loads).values().cloned());
         material.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
         let watched_directories = lock(&inner.watcher)
             .as_ref()
             .map(|w| w.watched().map(|d| d.display().to_string()).collect())
             .unwrap_or_default();
-        StoreStatus {
-            counters: self.counters(),
-            watched_directories,
-            material,
-        }
+        StoreStatus { counters: self.counters(), watched_directories, material }
     }
 }
 
@@ -245,36 +239,42 @@ fn collect_status<M: Material>(registry: &Registry<M>, out: &mut Vec<crate::Mate
 }
 
 impl Inner {
-    pub(crate) fn cert_slot(
-        &self,
-        spec: &CertificateRef,
-    ) -> Result<Arc<Slot<LoadedCert>>, CertError> {
+    pub(crate) fn cert_slot(&self, spec: &CertificateRef) -> Result<Arc<Slot<LoadedCert>>, CertError> {
         self.slot(&self.certs, spec)
     }
 
-    pub(crate) fn validation_slot(
-        &self,
-        spec: &ValidationRef,
-    ) -> Result<Arc<Slot<LoadedValidation>>, CertError> {
+    pub(crate) fn validation_slot(&self, spec: &ValidationRef) -> Result<Arc<Slot<LoadedValidation>>, CertError> {
         self.slot(&self.validations, spec)
     }
 
-    pub(crate) fn ticket_slot(
-        &self,
-        spec: &SessionTickets,
-    ) -> Result<Arc<Slot<TicketKeys>>, CertError> {
+    pub(crate) fn ticket_slot(&self, spec: &SessionTickets) -> Result<Arc<Slot<TicketKeys>>, CertError> {
         self.slot(&self.tickets, spec)
     }
 
-    fn slot<M: Material>(
-        &self,
-        registry: &Registry<M>,
-        spec: &M::Spec,
-    ) -> Result<Arc<Slot<M>>, CertError> {
+    fn slot<M: Material>(&self, registry: &Registry<M>, spec: &M::Spec) -> Result<Arc<Slot<M>>, CertError> {
         let secrets = self.secrets.load();
-        let (slot, created) = registry.get_or_load(spec, &secrets, &self.provider)?;
+        let (slot, created) = match registry.get_or_load(spec, &secrets, &self.provider) {
+            Ok(found) => found,
+            Err(error) => {
+                let name = M::name(spec);
+                lock(&self.failed_loads).insert(
+                    (M::KIND, name.clone()),
+                    MaterialStatus {
+                        kind: M::KIND,
+                        name,
+                        source: M::source(spec),
+                        subject: None,
+                        sans: Vec::new(),
+                        not_after: None,
+                        last_error: Some(error.to_string()),
+                    },
+                );
+                return Err(error);
+            }
+        };
         if created {
             tracing::info!(kind = M::KIND, name = %slot.name, "loaded TLS material");
+            lock(&self.failed_loads).remove(&(M::KIND, slot.name.clone()));
             self.watch(&slot.inputs());
         }
         Ok(slot)
@@ -388,9 +388,7 @@ struct ConfigCache<K, C> {
 
 impl<K, C> Default for ConfigCache<K, C> {
     fn default() -> Self {
-        ConfigCache {
-            buckets: HashMap::new(),
-        }
+        ConfigCache { buckets: HashMap::new() }
     }
 }
 
@@ -403,19 +401,11 @@ enum Lookup<C> {
 
 impl<K: PartialEq, C> ConfigCache<K, C> {
     fn lookup(&mut self, hash: u64, key: &K, generation: u64) -> Lookup<C> {
-        let Some(entry) = self
-            .buckets
-            .get_mut(&hash)
-            .and_then(|b| b.iter_mut().find(|e| e.key == *key))
-        else {
+        let Some(entry) = self.buckets.get_mut(&hash).and_then(|b| b.iter_mut().find(|e| e.key == *key)) else {
             return Lookup::Missing;
         };
         entry.used = generation;
-        if entry
-            .deps
-            .iter()
-            .all(|(slot, version)| slot.version() == *version)
-        {
+        if entry.deps.iter().all(|(slot, version)| slot.version() == *version) {
             Lookup::Fresh(entry.config.clone())
         } else {
             Lookup::Stale(entry.config.clone())
@@ -425,12 +415,7 @@ impl<K: PartialEq, C> ConfigCache<K, C> {
     fn insert(&mut self, hash: u64, key: K, config: Arc<C>, deps: Vec<Dep>, generation: u64) {
         let bucket = self.buckets.entry(hash).or_default();
         bucket.retain(|e| e.key != key);
-        bucket.push(CacheEntry {
-            key,
-            config,
-            deps,
-            used: generation,
-        });
+        bucket.push(CacheEntry { key, config, deps, used: generation });
     }
 
     /// Drops entries not used since generation `min`.
@@ -448,11 +433,7 @@ fn hash_downstream(tls: &DownstreamTls) -> u64 {
     hash_certs(&tls.certificates, &mut h);
     tls.alpn.hash(&mut h);
     hash_params(&tls.params, &mut h);
-    (
-        tls.require_client_certificate,
-        tls.disable_stateless_session_resumption,
-    )
-        .hash(&mut h);
+    (tls.require_client_certificate, tls.disable_stateless_session_resumption).hash(&mut h);
     tls.disable_stateful_session_resumption.hash(&mut h);
     h.finish()
 }

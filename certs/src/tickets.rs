@@ -46,43 +46,30 @@ struct TicketKey {
 impl std::fmt::Debug for TicketKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material.
-        f.debug_struct("TicketKeys")
-            .field("keys", &self.keys.len())
-            .finish()
+        f.debug_struct("TicketKeys").field("keys", &self.keys.len()).finish()
     }
 }
 
 impl TicketKeys {
     pub(crate) fn from_raw(what: &str, raw: &[Vec<u8>]) -> Result<TicketKeys, CertError> {
         if raw.is_empty() {
-            return Err(CertError::NoTicketKeys {
-                what: what.to_string(),
-            });
+            return Err(CertError::NoTicketKeys { what: what.to_string() });
         }
         let mut keys = Vec::with_capacity(raw.len());
         for (index, bytes) in raw.iter().enumerate() {
             if bytes.len() != KEY_LEN {
-                return Err(CertError::BadTicketKey {
-                    what: what.to_string(),
-                    index,
-                    len: bytes.len(),
-                });
+                return Err(CertError::BadTicketKey { what: what.to_string(), index, len: bytes.len() });
             }
             let (name_bytes, secret) = bytes.split_at(NAME_LEN);
             let mut name = [0u8; NAME_LEN];
             name.copy_from_slice(name_bytes);
             let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(secret);
             let info = [name_bytes];
-            let okm = prk
-                .expand(&info, &AES_256_GCM)
-                .map_err(|_| CertError::Verifier {
-                    what: what.to_string(),
-                    detail: "session ticket key derivation failed".into(),
-                })?;
-            keys.push(TicketKey {
-                name,
-                aead: LessSafeKey::new(UnboundKey::from(okm)),
-            });
+            let okm = prk.expand(&info, &AES_256_GCM).map_err(|_| CertError::Verifier {
+                what: what.to_string(),
+                detail: "session ticket key derivation failed".into(),
+            })?;
+            keys.push(TicketKey { name, aead: LessSafeKey::new(UnboundKey::from(okm)) });
         }
         Ok(TicketKeys { keys })
     }
@@ -95,13 +82,7 @@ impl TicketKeys {
         out.extend_from_slice(&key.name);
         out.extend_from_slice(&nonce);
         let mut body = plain.to_vec();
-        key.aead
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&key.name),
-                &mut body,
-            )
-            .ok()?;
+        key.aead.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&key.name), &mut body).ok()?;
         out.extend_from_slice(&body);
         Some(out)
     }
@@ -115,11 +96,7 @@ impl TicketKeys {
         let key = self.keys.iter().find(|k| k.name == name)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let mut body = sealed.to_vec();
-        let plain_len = key
-            .aead
-            .open_in_place(nonce, Aad::from(&key.name), &mut body)
-            .ok()?
-            .len();
+        let plain_len = key.aead.open_in_place(nonce, Aad::from(&key.name), &mut body).ok()?.len();
         body.truncate(plain_len);
         Some(body)
     }
@@ -163,10 +140,7 @@ impl Material for TicketKeys {
                 }
             },
         };
-        let raw = sources
-            .iter()
-            .map(|ds| rec.read(ds, &what))
-            .collect::<Result<Vec<_>, _>>()?;
+        let raw = sources.iter().map(|ds| rec.read(ds, &what)).collect::<Result<Vec<_>, _>>()?;
         TicketKeys::from_raw(&what, &raw)
     }
 
@@ -193,10 +167,7 @@ pub(crate) struct LiveTickets {
 
 impl LiveTickets {
     pub(crate) fn new(slot: Arc<Slot<TicketKeys>>) -> Self {
-        LiveTickets {
-            slot,
-            rng: SystemRandom::new(),
-        }
+        LiveTickets { slot, rng: SystemRandom::new() }
     }
 }
 
@@ -255,11 +226,7 @@ mod tests {
 
     #[test]
     fn wrong_length_is_named() {
-        let err =
-            TicketKeys::from_raw("session ticket keys k", &[key(1), vec![0; 48]]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "session ticket keys k: session ticket key 1 is 48 bytes, expected 80"
-        );
+        let err = TicketKeys::from_raw("session ticket keys k", &[key(1), vec![0; 48]]).unwrap_err();
+        assert_eq!(err.to_string(), "session ticket keys k: session ticket key 1 is 48 bytes, expected 80");
     }
 }

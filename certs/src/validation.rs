@@ -11,9 +11,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::{CertificateError, DistinguishedName, RootCertStore};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
-use sluice_config::model::{
-    SanMatcher, SanType, Secret, StringMatchKind, ValidationContext, ValidationRef,
-};
+use sluice_config::model::{SanMatcher, SanType, Secret, StringMatchKind, ValidationContext, ValidationRef};
 
 use crate::cert::{parse_certificates, source_kind};
 use crate::error::CertError;
@@ -47,11 +45,7 @@ impl Material for LoadedValidation {
     fn name(spec: &ValidationRef) -> String {
         match spec {
             ValidationRef::Sds(name) | ValidationRef::Combined { sds: name, .. } => name.clone(),
-            ValidationRef::Inline(vc) => vc
-                .trusted_ca
-                .as_ref()
-                .map(describe)
-                .unwrap_or_else(|| "inline".to_string()),
+            ValidationRef::Inline(vc) => vc.trusted_ca.as_ref().map(describe).unwrap_or_else(|| "inline".to_string()),
         }
     }
 
@@ -59,11 +53,9 @@ impl Material for LoadedValidation {
         match spec {
             ValidationRef::Sds(_) => "sds".to_string(),
             ValidationRef::Combined { .. } => "sds (combined)".to_string(),
-            ValidationRef::Inline(vc) => vc
-                .trusted_ca
-                .as_ref()
-                .map(source_kind)
-                .unwrap_or_else(|| "inline".to_string()),
+            ValidationRef::Inline(vc) => {
+                vc.trusted_ca.as_ref().map(source_kind).unwrap_or_else(|| "inline".to_string())
+            }
         }
     }
 
@@ -76,15 +68,10 @@ impl Material for LoadedValidation {
         let vc = match spec {
             ValidationRef::Inline(vc) => vc.clone(),
             ValidationRef::Sds(name) => sds_context(rec, name, &what)?,
-            ValidationRef::Combined { default, sds } => {
-                merge(default, &sds_context(rec, sds, &what)?)
-            }
+            ValidationRef::Combined { default, sds } => merge(default, &sds_context(rec, sds, &what)?),
         };
         // Matchers from an SDS secret can change without any byte of a file changing.
-        rec.note(&format!(
-            "{:?}|{}",
-            vc.match_subject_alt_names, vc.allow_expired_certificate
-        ));
+        rec.note(&format!("{:?}|{}", vc.match_subject_alt_names, vc.allow_expired_certificate));
 
         let mut ca_infos = Vec::new();
         let roots = match &vc.trusted_ca {
@@ -97,18 +84,13 @@ impl Material for LoadedValidation {
                 if added == 0 {
                     return Err(CertError::BadTrustedCa {
                         what,
-                        detail: format!(
-                            "none of the {ignored} certificate(s) is a usable trust anchor"
-                        ),
+                        detail: format!("none of the {ignored} certificate(s) is a usable trust anchor"),
                     });
                 }
                 if ignored > 0 {
                     tracing::warn!(%what, ignored, "ignoring unusable certificates in the CA bundle");
                 }
-                ca_infos = certs
-                    .iter()
-                    .filter_map(|c| CertInfo::parse(c.as_ref()).ok())
-                    .collect();
+                ca_infos = certs.iter().filter_map(|c| CertInfo::parse(c.as_ref()).ok()).collect();
                 Some(Arc::new(roots))
             }
         };
@@ -118,15 +100,9 @@ impl Material for LoadedValidation {
                 let pem_bytes = rec.read(ds, &what)?;
                 let crls = CertificateRevocationListDer::pem_slice_iter(&pem_bytes)
                     .collect::<Result<Vec<_>, pem::Error>>()
-                    .map_err(|e| CertError::BadCrl {
-                        what: what.clone(),
-                        detail: e.to_string(),
-                    })?;
+                    .map_err(|e| CertError::BadCrl { what: what.clone(), detail: e.to_string() })?;
                 if crls.is_empty() {
-                    return Err(CertError::BadCrl {
-                        what,
-                        detail: "no PEM X509 CRL found".into(),
-                    });
+                    return Err(CertError::BadCrl { what, detail: "no PEM X509 CRL found".into() });
                 }
                 crls
             }
@@ -143,23 +119,15 @@ impl Material for LoadedValidation {
                 (None, None, Vec::new())
             }
             Some(roots) => {
-                let client =
-                    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                        .with_crls(crls.iter().cloned())
-                        .allow_unauthenticated()
-                        .build()
-                        .map_err(|e| CertError::Verifier {
-                            what: what.clone(),
-                            detail: e.to_string(),
-                        })?;
-                let server =
-                    WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-                        .with_crls(crls.iter().cloned())
-                        .build()
-                        .map_err(|e| CertError::Verifier {
-                            what: what.clone(),
-                            detail: e.to_string(),
-                        })?;
+                let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .with_crls(crls.iter().cloned())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| CertError::Verifier { what: what.clone(), detail: e.to_string() })?;
+                let server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .with_crls(crls.iter().cloned())
+                    .build()
+                    .map_err(|e| CertError::Verifier { what: what.clone(), detail: e.to_string() })?;
                 (Some(client), Some(server), roots.subjects())
             }
         };
@@ -191,11 +159,7 @@ impl Material for LoadedValidation {
     }
 }
 
-fn sds_context(
-    rec: &mut InputRecorder<'_>,
-    name: &str,
-    what: &str,
-) -> Result<ValidationContext, CertError> {
+fn sds_context(rec: &mut InputRecorder<'_>, name: &str, what: &str) -> Result<ValidationContext, CertError> {
     match &*rec.secret(name, what)? {
         Secret::ValidationContext(vc) => Ok(vc.clone()),
         other => Err(CertError::WrongSecretKind {
@@ -218,9 +182,7 @@ fn merge(default: &ValidationContext, sds: &ValidationContext) -> ValidationCont
     if sds.crl.is_some() {
         merged.crl = sds.crl.clone();
     }
-    merged
-        .match_subject_alt_names
-        .extend(sds.match_subject_alt_names.iter().cloned());
+    merged.match_subject_alt_names.extend(sds.match_subject_alt_names.iter().cloned());
     merged.allow_expired_certificate |= sds.allow_expired_certificate;
     merged
 }
@@ -265,9 +227,9 @@ pub(crate) fn with_expiry_policy<T>(
     verify: impl Fn(UnixTime) -> Result<T, rustls::Error>,
 ) -> Result<T, rustls::Error> {
     match verify(now) {
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        )) if allow_expired => {
+        Err(rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }))
+            if allow_expired =>
+        {
             let not_after = CertInfo::parse(end_entity.as_ref())
                 .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?
                 .not_after;
@@ -279,10 +241,7 @@ pub(crate) fn with_expiry_policy<T>(
 }
 
 /// Checks the SAN matchers against a peer's end-entity certificate.
-pub(crate) fn check_sans(
-    matchers: &[SanMatcher],
-    end_entity: &CertificateDer<'_>,
-) -> Result<(), rustls::Error> {
+pub(crate) fn check_sans(matchers: &[SanMatcher], end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
     if matchers.is_empty() {
         return Ok(());
     }
@@ -296,8 +255,6 @@ pub(crate) fn check_sans(
             sans = ?info.san_strings(),
             "peer certificate rejected: no subject alternative name matches"
         );
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::ApplicationVerificationFailure,
-        ))
+        Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
     }
 }

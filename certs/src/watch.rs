@@ -44,10 +44,7 @@ impl DirWatcher {
             .name("sluice-cert-watch".into())
             .spawn(move || debounce_loop(&rx, &inner, debounce))
             .map_err(notify::Error::io)?;
-        Ok(DirWatcher {
-            watcher,
-            watched: BTreeSet::new(),
-        })
+        Ok(DirWatcher { watcher, watched: BTreeSet::new() })
     }
 
     /// Starts watching `dir` unless it already is.

@@ -48,16 +48,9 @@ impl CertInfo {
     pub fn parse(der: &[u8]) -> Result<CertInfo, String> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
         let validity = cert.validity();
-        let common_name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string);
+        let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
         let mut sans = Vec::new();
-        let ext = cert
-            .subject_alternative_name()
-            .map_err(|e| format!("subjectAltName extension: {e}"))?;
+        let ext = cert.subject_alternative_name().map_err(|e| format!("subjectAltName extension: {e}"))?;
         if let Some(ext) = ext {
             for name in &ext.value.general_names {
                 match name {
@@ -92,14 +85,7 @@ impl CertInfo {
                 _ => None,
             })
             .collect();
-        if dns.is_empty() {
-            self.common_name
-                .iter()
-                .map(|cn| cn.to_ascii_lowercase())
-                .collect()
-        } else {
-            dns
-        }
+        if dns.is_empty() { self.common_name.iter().map(|cn| cn.to_ascii_lowercase()).collect() } else { dns }
     }
 
     pub fn san_strings(&self) -> Vec<String> {
@@ -144,12 +130,7 @@ pub(crate) fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Proleptic Gregorian date from days since 1970-01-01 (H. Hinnant's algorithm).
@@ -164,11 +145,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     // d is in 1..=31 and m in 1..=12 by construction.
-    (
-        y,
-        u32::try_from(m).unwrap_or(1),
-        u32::try_from(d).unwrap_or(1),
-    )
+    (y, u32::try_from(m).unwrap_or(1), u32::try_from(d).unwrap_or(1))
 }
 
 #[cfg(test)]

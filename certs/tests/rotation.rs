@@ -30,17 +30,10 @@ async fn rewriting_the_files_rotates_new_handshakes_only() {
     let old = ca.issue(&["a.example.com"]);
     let new = ca.issue(&["a.example.com"]);
     let store = CertStore::new();
-    let server = serve(
-        store
-            .server_config(&downstream(vec![file_cert(dir.path(), "tls", &old)]))
-            .unwrap(),
-    )
-    .await;
+    let server = serve(store.server_config(&downstream(vec![file_cert(dir.path(), "tls", &old)])).unwrap()).await;
     let cfg = client(&ca.cert_pem, &[], &[&TLS13]);
 
-    let mut established = connect(server.addr, cfg.clone(), "a.example.com")
-        .await
-        .unwrap();
+    let mut established = connect(server.addr, cfg.clone(), "a.example.com").await.unwrap();
     assert_eq!(echo(&mut established, b"before").await.unwrap(), b"before");
     assert_eq!(peer_cert(&established), old.der);
 
@@ -49,11 +42,7 @@ async fn rewriting_the_files_rotates_new_handshakes_only() {
     write(dir.path(), "tls.crt", &new.cert_pem);
     wait_for_cert(server.addr, cfg.clone(), "a.example.com", &new.der).await;
 
-    assert_eq!(
-        echo(&mut established, b"after").await.unwrap(),
-        b"after",
-        "established connection broke"
-    );
+    assert_eq!(echo(&mut established, b"after").await.unwrap(), b"after", "established connection broke");
     assert_eq!(peer_cert(&established), old.der);
     assert!(store.counters().reloads_ok >= 1);
     assert_eq!(server.failed(), 0);
@@ -63,11 +52,7 @@ async fn rewriting_the_files_rotates_new_handshakes_only() {
 async fn kubernetes_symlink_swap_and_rename_over_rotate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("ca");
-    let (v1, v2, v3) = (
-        ca.issue(&["a.example.com"]),
-        ca.issue(&["a.example.com"]),
-        ca.issue(&["a.example.com"]),
-    );
+    let (v1, v2, v3) = (ca.issue(&["a.example.com"]), ca.issue(&["a.example.com"]), ca.issue(&["a.example.com"]));
 
     // The layout kubelet gives a Secret volume: tls.crt -> ..data/tls.crt, ..data -> ..<ts>.
     let mount = dir.path().join("secret");
@@ -85,18 +70,10 @@ async fn kubernetes_symlink_swap_and_rename_over_rotate() {
     symlink("..data/tls.key", mount.join("tls.key")).unwrap();
 
     let store = CertStore::new();
-    let tls = downstream(vec![files_ref(
-        &mount.join("tls.crt"),
-        &mount.join("tls.key"),
-    )]);
+    let tls = downstream(vec![files_ref(&mount.join("tls.crt"), &mount.join("tls.key"))]);
     let server = serve(store.server_config(&tls).unwrap()).await;
     let cfg = client(&ca.cert_pem, &[], &[&TLS13]);
-    assert_eq!(
-        served_cert(server.addr, cfg.clone(), "a.example.com")
-            .await
-            .unwrap(),
-        v1.der
-    );
+    assert_eq!(served_cert(server.addr, cfg.clone(), "a.example.com").await.unwrap(), v1.der);
 
     publish("2026_01_02_v2", &v2);
     std::fs::remove_dir_all(mount.join("..2026_01_01_v1")).unwrap();
@@ -109,12 +86,7 @@ async fn kubernetes_symlink_swap_and_rename_over_rotate() {
     let key = write(&plain, "key.pem", &v1.key_pem);
     let tls = downstream(vec![files_ref(Path::new(&cert), Path::new(&key))]);
     let server = serve(store.server_config(&tls).unwrap()).await;
-    assert_eq!(
-        served_cert(server.addr, cfg.clone(), "a.example.com")
-            .await
-            .unwrap(),
-        v1.der
-    );
+    assert_eq!(served_cert(server.addr, cfg.clone(), "a.example.com").await.unwrap(), v1.der);
     write(&plain, ".key.tmp", &v3.key_pem);
     write(&plain, ".cert.tmp", &v3.cert_pem);
     std::fs::rename(plain.join(".key.tmp"), &key).unwrap();
@@ -131,25 +103,14 @@ async fn continuous_handshakes_during_rotation_never_fail() {
         debounce: Duration::from_millis(20),
         ..Default::default()
     });
-    let server = serve(
-        store
-            .server_config(&downstream(vec![file_cert(dir.path(), "tls", &leaves[0])]))
-            .unwrap(),
-    )
-    .await;
+    let server = serve(store.server_config(&downstream(vec![file_cert(dir.path(), "tls", &leaves[0])])).unwrap()).await;
     let cfg = client(&ca.cert_pem, &[], &[&TLS13]);
 
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let seen = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let load = {
-        let (stop, ok, failed, seen, cfg) = (
-            stop.clone(),
-            ok.clone(),
-            failed.clone(),
-            seen.clone(),
-            cfg.clone(),
-        );
+        let (stop, ok, failed, seen, cfg) = (stop.clone(), ok.clone(), failed.clone(), seen.clone(), cfg.clone());
         let addr = server.addr;
         tokio::spawn(async move {
             // Bounded in count as well as time.
@@ -185,22 +146,11 @@ async fn continuous_handshakes_during_rotation_never_fail() {
     load.await.unwrap();
 
     let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
-    eprintln!(
-        "rotation under load: {ok} handshakes ok, {failed} failed, {:?}",
-        store.counters()
-    );
+    eprintln!("rotation under load: {ok} handshakes ok, {failed} failed, {:?}", store.counters());
     assert_eq!(failed, 0, "handshakes failed during rotation");
-    assert_eq!(
-        server.failed(),
-        0,
-        "server-side handshake failures during rotation"
-    );
+    assert_eq!(server.failed(), 0, "server-side handshake failures during rotation");
     assert!(ok > 10, "the load loop barely ran ({ok} handshakes)");
-    assert_eq!(
-        seen.lock().unwrap().len(),
-        2,
-        "both certificates should have been served"
-    );
+    assert_eq!(seen.lock().unwrap().len(), 2, "both certificates should have been served");
     assert!(store.counters().reloads_ok >= 2, "{:?}", store.counters());
 }
 
@@ -231,40 +181,24 @@ fn bad_pairs_are_rejected_with_specific_errors() {
     params.not_after = date_time_ymd(2020, 1, 1);
     let expired = ca.issue_with(params, KeyPair::generate().unwrap());
     let err = load(&expired.cert_pem, &expired.key_pem);
-    assert_eq!(
-        err.to_string(),
-        format!("certificate {c_path}: certificate expired on 2020-01-01T00:00:00Z")
-    );
+    assert_eq!(err.to_string(), format!("certificate {c_path}: certificate expired on 2020-01-01T00:00:00Z"));
 
     let mut params = leaf_params(&["future.example.com"]);
     params.not_before = date_time_ymd(2999, 1, 1);
     params.not_after = date_time_ymd(3000, 1, 1);
     let future = ca.issue_with(params, KeyPair::generate().unwrap());
     let err = load(&future.cert_pem, &future.key_pem);
-    assert_eq!(
-        err.to_string(),
-        format!("certificate {c_path}: certificate is not valid before 2999-01-01T00:00:00Z")
-    );
+    assert_eq!(err.to_string(), format!("certificate {c_path}: certificate is not valid before 2999-01-01T00:00:00Z"));
 
     let err = load("garbage", &a.key_pem);
     assert!(matches!(err, CertError::NoCertificate { .. }), "{err:?}");
-    let err = load(
-        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
-        &a.key_pem,
-    );
+    let err = load("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n", &a.key_pem);
     assert!(matches!(err, CertError::BadCertificate { .. }), "{err:?}");
-    assert!(
-        err.to_string()
-            .starts_with(&format!("certificate {c_path}: unparsable certificate: ")),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with(&format!("certificate {c_path}: unparsable certificate: ")), "{err}");
     let err = load(&a.cert_pem, "garbage");
     assert!(matches!(err, CertError::NoPrivateKey { .. }), "{err:?}");
 
-    let missing = downstream(vec![files_ref(
-        &dir.path().join("nope.crt"),
-        &dir.path().join("nope.key"),
-    )]);
+    let missing = downstream(vec![files_ref(&dir.path().join("nope.crt"), &dir.path().join("nope.key"))]);
     let err = store.server_config(&missing).unwrap_err();
     assert!(matches!(err, CertError::Read { .. }), "{err:?}");
 }
@@ -276,12 +210,7 @@ async fn a_bad_rotation_keeps_the_previous_certificate() {
     let good = ca.issue(&["a.example.com"]);
     let next = ca.issue(&["a.example.com"]);
     let store = CertStore::new();
-    let server = serve(
-        store
-            .server_config(&downstream(vec![file_cert(dir.path(), "tls", &good)]))
-            .unwrap(),
-    )
-    .await;
+    let server = serve(store.server_config(&downstream(vec![file_cert(dir.path(), "tls", &good)])).unwrap()).await;
     let cfg = client(&ca.cert_pem, &[], &[&TLS13]);
 
     let mut params = leaf_params(&["a.example.com"]);
@@ -290,16 +219,8 @@ async fn a_bad_rotation_keeps_the_previous_certificate() {
     let expired = ca.issue_with(params, KeyPair::generate().unwrap());
     let bad_updates: [(&str, &str, &str); 3] = [
         (&next.cert_pem, &good.key_pem, "private key does not match"),
-        (
-            &expired.cert_pem,
-            &expired.key_pem,
-            "expired on 2020-01-01T00:00:00Z",
-        ),
-        (
-            "-----BEGIN CERTIFICATE-----\ngarbage\n",
-            &good.key_pem,
-            "unparsable certificate",
-        ),
+        (&expired.cert_pem, &expired.key_pem, "expired on 2020-01-01T00:00:00Z"),
+        ("-----BEGIN CERTIFICATE-----\ngarbage\n", &good.key_pem, "unparsable certificate"),
     ];
     for (n, (cert, key, expected)) in bad_updates.into_iter().enumerate() {
         // Write both files and let one debounced reload see the complete bad pair.
@@ -315,20 +236,10 @@ async fn a_bad_rotation_keeps_the_previous_certificate() {
         // the complete bad pair.
         eventually("the error names the problem", || {
             let store = store.clone();
-            async move {
-                store.status().material[0]
-                    .last_error
-                    .as_deref()
-                    .is_some_and(|e| e.contains(expected))
-            }
+            async move { store.status().material[0].last_error.as_deref().is_some_and(|e| e.contains(expected)) }
         })
         .await;
-        assert_eq!(
-            served_cert(server.addr, cfg.clone(), "a.example.com")
-                .await
-                .unwrap(),
-            good.der
-        );
+        assert_eq!(served_cert(server.addr, cfg.clone(), "a.example.com").await.unwrap(), good.der);
     }
     assert_eq!(store.counters().reloads_ok, 0);
 
@@ -343,38 +254,24 @@ async fn sds_secret_updates_change_new_handshakes() {
     let ca = Ca::new("ca");
     let (one, two) = (ca.issue(&["a.example.com"]), ca.issue(&["a.example.com"]));
     let name = "cilium-secrets/default-tls";
-    let secrets = |leaf: &Leaf| {
-        BTreeMap::from([(
-            name.to_string(),
-            Arc::new(Secret::TlsCertificate(inline_cert(leaf))),
-        )])
-    };
+    let secrets =
+        |leaf: &Leaf| BTreeMap::from([(name.to_string(), Arc::new(Secret::TlsCertificate(inline_cert(leaf))))]);
     let store = CertStore::new();
     let tls = downstream(vec![CertificateRef::Sds(name.into())]);
 
     let err = store.server_config(&tls).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        format!("certificate {name}: secret {name} not found")
-    );
+    assert_eq!(err.to_string(), format!("certificate {name}: secret {name} not found"));
 
     store.update_secrets(&secrets(&one));
     let config = store.server_config(&tls).unwrap();
     let server = serve(config.clone()).await;
     let cfg = client(&ca.cert_pem, &[], &[&TLS13]);
-    let mut established = connect(server.addr, cfg.clone(), "a.example.com")
-        .await
-        .unwrap();
+    let mut established = connect(server.addr, cfg.clone(), "a.example.com").await.unwrap();
     assert_eq!(peer_cert(&established), one.der);
 
     store.update_secrets(&secrets(&two));
     assert!(Arc::ptr_eq(&config, &store.server_config(&tls).unwrap()));
-    assert_eq!(
-        served_cert(server.addr, cfg.clone(), "a.example.com")
-            .await
-            .unwrap(),
-        two.der
-    );
+    assert_eq!(served_cert(server.addr, cfg.clone(), "a.example.com").await.unwrap(), two.der);
     assert_eq!(echo(&mut established, b"still").await.unwrap(), b"still");
     assert_eq!(store.counters().reloads_ok, 1);
 
@@ -388,18 +285,10 @@ async fn sds_secret_updates_change_new_handshakes() {
     )]);
     store.update_secrets(&bad);
     assert_eq!(store.counters().reloads_failed, 1);
-    assert_eq!(
-        served_cert(server.addr, cfg.clone(), "a.example.com")
-            .await
-            .unwrap(),
-        two.der
-    );
+    assert_eq!(served_cert(server.addr, cfg.clone(), "a.example.com").await.unwrap(), two.der);
 
     // A secret of the wrong kind is rejected the same way.
-    let wrong = BTreeMap::from([(
-        name.to_string(),
-        Arc::new(Secret::Generic(DataSource::Inline(b"x".to_vec()))),
-    )]);
+    let wrong = BTreeMap::from([(name.to_string(), Arc::new(Secret::Generic(DataSource::Inline(b"x".to_vec()))))]);
     store.update_secrets(&wrong);
     assert_eq!(store.counters().reloads_failed, 2);
     let status = store.status();
@@ -410,12 +299,7 @@ async fn sds_secret_updates_change_new_handshakes() {
             .is_some_and(|e| e.contains("is a generic_secret, expected a tls_certificate")),
         "{status:?}"
     );
-    assert_eq!(
-        served_cert(server.addr, cfg, "a.example.com")
-            .await
-            .unwrap(),
-        two.der
-    );
+    assert_eq!(served_cert(server.addr, cfg, "a.example.com").await.unwrap(), two.der);
 }
 
 #[test]
@@ -425,35 +309,21 @@ fn status_lists_material_for_the_admin_endpoint() {
     let leaf = ca.issue(&["a.example.com", "10.0.0.1"]);
     let store = CertStore::new();
     let mut tls = downstream(vec![file_cert(dir.path(), "tls", &leaf)]);
-    tls.validation = Some(sluice_config::model::ValidationRef::Inline(
-        sluice_config::model::ValidationContext {
-            trusted_ca: Some(DataSource::Inline(ca.cert_pem.clone().into_bytes())),
-            ..Default::default()
-        },
-    ));
+    tls.validation = Some(sluice_config::model::ValidationRef::Inline(sluice_config::model::ValidationContext {
+        trusted_ca: Some(DataSource::Inline(ca.cert_pem.clone().into_bytes())),
+        ..Default::default()
+    }));
     let _config = store.server_config(&tls).unwrap();
     let json = serde_json::to_value(store.status()).unwrap();
     assert_eq!(json["reloads_ok"], 0);
     let cert = &json["material"][0];
     assert_eq!(cert["kind"], "certificate");
-    assert_eq!(
-        cert["name"],
-        dir.path().join("tls.crt").display().to_string()
-    );
-    assert_eq!(
-        cert["source"],
-        format!("file {}", dir.path().join("tls.crt").display())
-    );
+    assert_eq!(cert["name"], dir.path().join("tls.crt").display().to_string());
+    assert_eq!(cert["source"], format!("file {}", dir.path().join("tls.crt").display()));
     assert_eq!(cert["subject"], "CN=a.example.com");
-    assert_eq!(
-        cert["sans"],
-        serde_json::json!(["DNS:a.example.com", "IP:10.0.0.1"])
-    );
+    assert_eq!(cert["sans"], serde_json::json!(["DNS:a.example.com", "IP:10.0.0.1"]));
     assert_eq!(cert["not_after"], "4096-01-01T00:00:00Z");
     assert_eq!(json["material"][1]["kind"], "trusted_ca");
     assert_eq!(json["material"][1]["subject"], "CN=status ca");
-    assert_eq!(
-        json["watched_directories"][0],
-        dir.path().display().to_string()
-    );
+    assert_eq!(json["watched_directories"][0], dir.path().display().to_string());
 }

@@ -9,23 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
-use sluice_certs::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
+use sluice_certs::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use sluice_certs::rustls::client::{Resumption, WebPkiServerVerifier};
 use sluice_certs::rustls::crypto::ring::default_provider;
 use sluice_certs::rustls::pki_types::pem::PemObject;
 use sluice_certs::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use sluice_certs::rustls::{
-    self, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
-    SupportedProtocolVersion,
+    self, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme, SupportedProtocolVersion,
 };
-use sluice_config::model::{
-    CertificateRef, DataSource, DownstreamTls, TlsCertificate, TlsParams, UpstreamTls,
-};
+use sluice_config::model::{CertificateRef, DataSource, DownstreamTls, TlsCertificate, TlsParams, UpstreamTls};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -54,10 +48,7 @@ impl Ca {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
-        Ca {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
+        Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) }
     }
 
     /// A server+client leaf for `names` (DNS names or IPs), ECDSA P-256.
@@ -90,24 +81,14 @@ impl Ca {
 
     pub fn issue_with(&self, params: CertificateParams, key: KeyPair) -> Leaf {
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
+        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
     }
 }
 
 pub fn leaf_params(names: &[&str]) -> CertificateParams {
-    let mut params =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params
 }
 
@@ -216,12 +197,7 @@ pub async fn serve(config: Arc<ServerConfig>) -> Server {
             });
         }
     });
-    Server {
-        addr,
-        accepted,
-        failed,
-        task,
-    }
+    Server { addr, accepted, failed, task }
 }
 
 pub type Tls = tokio_rustls::client::TlsStream<TcpStream>;
@@ -229,11 +205,7 @@ pub type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 /// A client trusting `ca_pem`, offering `alpn`, limited to `versions`. It never resumes
 /// sessions: a resumed handshake carries no certificate, and tests observe which certificate
 /// the server picks.
-pub fn client(
-    ca_pem: &str,
-    alpn: &[&str],
-    versions: &[&'static SupportedProtocolVersion],
-) -> Arc<ClientConfig> {
+pub fn client(ca_pem: &str, alpn: &[&str], versions: &[&'static SupportedProtocolVersion]) -> Arc<ClientConfig> {
     let mut config = resuming_client(ca_pem, versions);
     config.resumption = Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -241,10 +213,7 @@ pub fn client(
 }
 
 /// A client with rustls's default in-memory session cache.
-pub fn resuming_client(
-    ca_pem: &str,
-    versions: &[&'static SupportedProtocolVersion],
-) -> ClientConfig {
+pub fn resuming_client(ca_pem: &str, versions: &[&'static SupportedProtocolVersion]) -> ClientConfig {
     ClientConfig::builder_with_provider(Arc::new(default_provider()))
         .with_protocol_versions(versions)
         .unwrap()
@@ -298,21 +267,14 @@ pub fn ecdsa_only_client() -> Arc<ClientConfig> {
             self.0.verify_tls13_signature(m, c, d)
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            vec![
-                SignatureScheme::ECDSA_NISTP256_SHA256,
-                SignatureScheme::ECDSA_NISTP384_SHA384,
-            ]
+            vec![SignatureScheme::ECDSA_NISTP256_SHA256, SignatureScheme::ECDSA_NISTP384_SHA384]
         }
     }
     let provider = Arc::new(default_provider());
     // Any root will do: the wrapped verifier is only used for handshake signatures.
     let ca = Ca::new("unused");
-    let inner = WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots(&ca.cert_pem)),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
+    let inner =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&ca.cert_pem)), provider.clone()).build().unwrap();
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -351,9 +313,7 @@ pub async fn echo(tls: &mut Tls, msg: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 pub fn peer_cert(tls: &Tls) -> CertificateDer<'static> {
-    tls.get_ref().1.peer_certificates().unwrap()[0]
-        .clone()
-        .into_owned()
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
 }
 
 /// Connects, checks the echo, and returns the served certificate.
@@ -385,22 +345,14 @@ where
 }
 
 /// Polls handshakes until `want` is the certificate served for `sni`.
-pub async fn wait_for_cert(
-    addr: SocketAddr,
-    config: Arc<ClientConfig>,
-    sni: &str,
-    want: &CertificateDer<'_>,
-) {
+pub async fn wait_for_cert(addr: SocketAddr, config: Arc<ClientConfig>, sni: &str, want: &CertificateDer<'_>) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
         let served = served_cert(addr, config.clone(), sni).await.unwrap();
         if served == *want {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for the new certificate on {sni}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for the new certificate on {sni}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -10,6 +10,7 @@ pub mod bind;
 pub mod chain;
 pub mod prefixed;
 pub mod proxy_protocol;
+pub mod tls_accept;
 pub mod tls_peek;
 
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::http::ctx::{ConnInfo, TlsInfo};
+use crate::http::ctx::ConnInfo;
 use crate::runtime::Worker;
 use prefixed::Prefixed;
 
@@ -46,6 +47,9 @@ pub struct WorkerListeners {
 impl WorkerListeners {
     /// Brings the sockets in line with `snapshot`.
     pub fn reconcile(&mut self, worker: &Arc<Worker>, snapshot: &Snapshot) {
+        if worker.id == 0 {
+            tls_accept::preload(worker, snapshot);
+        }
         let mut want: HashMap<SocketAddr, Arc<str>> = HashMap::new();
         for l in snapshot.listeners.iter().filter(|l| !l.internal) {
             for a in &l.addresses {
@@ -196,30 +200,10 @@ async fn handle(
 
     match &chain.tls {
         Some(tls) => {
-            let cfg = match worker.shared.certs.server_config(tls) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(listener = %listener.name, chain = %chain.name, "TLS unavailable: {e}");
-                    return;
-                }
-            };
-            let tls_stream =
-                match tokio::time::timeout(LISTENER_FILTER_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(io))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, "TLS handshake failed: {e}");
-                        worker.shared.stats.tls_handshake_failed();
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let (_, session) = tls_stream.get_ref();
-            let info = TlsInfo {
-                sni: hello.server_name.clone(),
-                alpn: session.alpn_protocol().map(<[u8]>::to_vec),
-                peer_certificate: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+            let Some((tls_stream, info)) =
+                tls_accept::accept(&worker, tls, &hello, io, peer, &chain.name, LISTENER_FILTER_TIMEOUT).await
+            else {
+                return;
             };
             let conn = Arc::new(ConnInfo {
                 remote,
