@@ -67,13 +67,14 @@ struct RunArgs {
     /// Envoy-style admin API (keep it on localhost).
     #[arg(long, default_value = "127.0.0.1:9879")]
     admin_address: SocketAddr,
-    /// Health endpoint (`GET /healthz`), like cilium-envoy's.
-    #[arg(long, default_value = "127.0.0.1:9878")]
+    /// Health endpoint (`GET /healthz`), like cilium-envoy's [default: 127.0.0.1:9878].
+    #[arg(long)]
     health_address: Option<SocketAddr>,
-    /// Prometheus endpoint (`GET /metrics`), like cilium-envoy's.
-    #[arg(long, default_value = "0.0.0.0:9964")]
+    /// Prometheus endpoint (`GET /metrics`), like cilium-envoy's [default: 0.0.0.0:9964].
+    #[arg(long)]
     metrics_address: Option<SocketAddr>,
-    /// Disable the health and metrics endpoints (tests and benchmarks).
+    /// Do not open the default health and metrics endpoints (tests and benchmarks); an
+    /// explicit --health-address or --metrics-address still applies.
     #[arg(long)]
     no_health_metrics: bool,
     /// Range for listeners without an address, as `MIN-MAX`.
@@ -94,14 +95,17 @@ struct RunArgs {
     /// cgroup2 directory the fast path attaches to.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     fast_path_cgroup: PathBuf,
-    /// OTLP collector endpoint (also OTEL_EXPORTER_OTLP_ENDPOINT).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    /// OTLP collector endpoint, e.g. http://collector:4317 (also
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT). Without one,
+    /// only CECs whose tracing block names a collector cluster are traced.
+    #[arg(long)]
     otlp_endpoint: Option<String>,
-    /// OTLP protocol.
-    #[arg(long, default_value = "grpc", value_parser = ["grpc", "http/protobuf"])]
+    /// OTLP protocol (also OTEL_EXPORTER_OTLP_PROTOCOL).
+    #[arg(long, default_value = "grpc", env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_parser = ["grpc", "http/protobuf"])]
     otlp_protocol: String,
-    /// Trace sampling ratio in [0, 1] (also OTEL_TRACES_SAMPLER_ARG).
-    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    /// Ratio of new traces sampled, in [0, 1] (also OTEL_TRACES_SAMPLER_ARG; without either,
+    /// OTEL_TRACES_SAMPLER decides, else 1). A caller's sampling decision is always honoured.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", value_parser = parse_ratio)]
     trace_sampling: Option<f64>,
     /// Log filter, e.g. `info` or `sluice=debug`.
     #[arg(long, default_value = "info", env = "SLUICE_LOG")]
@@ -120,6 +124,14 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&r) {
+        return Err("the sampling ratio must be between 0 and 1".into());
+    }
+    Ok(r)
+}
+
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     s.split(',')
         .filter(|kv| !kv.is_empty())
@@ -128,6 +140,9 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         })
         .collect()
 }
+
+const DEFAULT_HEALTH: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9878);
+const DEFAULT_METRICS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9964);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -158,8 +173,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let config = sluice_proxy::Config {
         workers,
         admin_address: args.admin_address,
-        health_address: if args.no_health_metrics { None } else { args.health_address },
-        metrics_address: if args.no_health_metrics { None } else { args.metrics_address },
+        health_address: args.health_address.or((!args.no_health_metrics).then_some(DEFAULT_HEALTH)),
+        metrics_address: args.metrics_address.or((!args.no_health_metrics).then_some(DEFAULT_METRICS)),
         port_range: args.proxy_port_range,
         node_name: args.node_name,
         node_labels: args.node_labels,
@@ -174,8 +189,19 @@ fn run(args: RunArgs) -> Result<ExitCode> {
                 ..Default::default()
             }),
         },
+        tracing: sluice_proxy::telemetry::TracingConfig {
+            // The flag, else the traces endpoint, else the generic one (which gets `/v1/traces`
+            // appended for http/protobuf).
+            otlp_endpoint: args.otlp_endpoint.clone().or_else(|| {
+                ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+                    .iter()
+                    .find_map(|v| std::env::var(v).ok().filter(|e| !e.trim().is_empty()))
+            }),
+            otlp_protocol: args.otlp_protocol.parse().map_err(|e: String| anyhow::anyhow!("--otlp-protocol: {e}"))?,
+            sampling: args.trace_sampling,
+            service_name: None,
+        },
     };
-    let _ = (&args.otlp_endpoint, &args.otlp_protocol, args.trace_sampling);
     sluice_proxy::run(source, config)?;
     Ok(ExitCode::SUCCESS)
 }

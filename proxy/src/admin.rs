@@ -1,9 +1,16 @@
 //! Envoy-style admin API on localhost, the health endpoint (`/healthz`, like cilium-envoy's
 //! port 9878) and the Prometheus endpoint (`/metrics`, like port 9964).
 //!
+//! Admin: `GET /ready`, `/server_info`, `/config_dump` (the effective native configuration,
+//! its source CECs and the diagnostics), `/listeners`, `/clusters[?format=json]` (hosts,
+//! health, outlier ejections, circuit-breaker limits), `/stats[?filter=X&format=json]`
+//! (Envoy's dotted names), `/stats/prometheus`; `POST /logging?level=`, `/reopen_logs`,
+//! `/quitquitquit` (stop accepting, drain, exit).
+//!
 //! These run on the control thread, never on a worker, so a slow scrape cannot delay traffic.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
+use sluice_config::model::EndpointHealth;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -98,6 +106,87 @@ fn json_response(v: &serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Envoy's `/clusters`: one `cluster::key::value` line per setting and per host, or JSON with
+/// `?format=json`.
+fn clusters(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let all = state.shared.clusters.clusters();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    if query_param(query, "format") == Some("json") {
+        let v: Vec<serde_json::Value> = names
+            .iter()
+            .filter_map(|n| all.get(*n))
+            .map(|c| {
+                let limits = c.breakers().limits();
+                let hosts: Vec<serde_json::Value> = c
+                    .hosts()
+                    .iter()
+                    .map(|h| {
+                        json!({
+                            "address": h.address().to_string(),
+                            "hostname": h.hostname(),
+                            "health": format!("{:?}", h.health()).to_lowercase(),
+                            "ejected": h.is_ejected(),
+                            "ejections": h.ejections(),
+                            "active_requests": h.active_requests(),
+                            "weight": h.weight(),
+                            "priority": h.priority(),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": c.name(),
+                    "ready": c.is_ready(),
+                    "circuit_breakers": {
+                        "max_connections": limits.max_connections,
+                        "max_pending_requests": limits.max_pending_requests,
+                        "max_requests": limits.max_requests,
+                        "max_retries": limits.max_retries,
+                    },
+                    "active": {
+                        "connections": c.breakers().connections(),
+                        "pending_requests": c.breakers().pending_requests(),
+                        "requests": c.breakers().active_requests(),
+                        "retries": c.breakers().active_retries(),
+                    },
+                    "hosts": hosts,
+                })
+            })
+            .collect();
+        return json_response(&json!({ "cluster_statuses": v }));
+    }
+    let mut out = String::new();
+    for n in names {
+        let Some(c) = all.get(n) else { continue };
+        let l = c.breakers().limits();
+        let _ = writeln!(out, "{n}::default_priority::max_connections::{}", l.max_connections);
+        let _ = writeln!(out, "{n}::default_priority::max_pending_requests::{}", l.max_pending_requests);
+        let _ = writeln!(out, "{n}::default_priority::max_requests::{}", l.max_requests);
+        let _ = writeln!(out, "{n}::default_priority::max_retries::{}", l.max_retries);
+        let _ = writeln!(out, "{n}::added_via_api::true");
+        for h in c.hosts().iter() {
+            let a = h.address();
+            let health = match (h.is_ejected(), h.health()) {
+                (true, _) => "/failed_outlier_check".to_string(),
+                (false, EndpointHealth::Healthy | EndpointHealth::Unknown) => "healthy".to_string(),
+                (false, EndpointHealth::Degraded) => "/degraded_eds_health".to_string(),
+                (false, other) => format!("/failed_eds_health({})", format!("{other:?}").to_lowercase()),
+            };
+            let _ = writeln!(out, "{n}::{a}::hostname::{}", h.hostname().unwrap_or(""));
+            let _ = writeln!(out, "{n}::{a}::health_flags::{health}");
+            let _ = writeln!(out, "{n}::{a}::weight::{}", h.weight());
+            let _ = writeln!(out, "{n}::{a}::priority::{}", h.priority());
+            let _ = writeln!(out, "{n}::{a}::rq_active::{}", h.active_requests());
+            let _ = writeln!(out, "{n}::{a}::outlier_ejections::{}", h.ejections());
+        }
+    }
+    text(StatusCode::OK, out)
+}
+
 fn handle(state: &AdminState, surface: Surface, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let query = req.uri().query().unwrap_or("");
@@ -105,22 +194,45 @@ fn handle(state: &AdminState, surface: Surface, req: Request<Incoming>) -> Respo
         (Surface::Health, "/healthz") | (Surface::Admin, "/ready") | (Surface::Admin, "/healthz") => {
             if state.is_ready() {
                 text(StatusCode::OK, "LIVE\n")
+            } else if *state.shutdown.borrow() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
             }
         }
         (Surface::Metrics, "/metrics") | (Surface::Admin, "/stats/prometheus") | (Surface::Admin, "/metrics") => {
-            let mut r = text(StatusCode::OK, state.shared.stats.render(&state.shared));
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
-            r
+            prometheus_text(state)
         }
-        (Surface::Admin, "/server_info") => json_response(&json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "state": if state.is_ready() { "LIVE" } else { "PRE_INITIALIZING" },
-            "hostname": state.shared.hostname,
-            "uptime_current_epoch": state.started.elapsed().map(|d| format!("{}s", d.as_secs())).unwrap_or_default(),
-            "command_line_options": std::env::args().collect::<Vec<_>>(),
-        })),
+        (Surface::Admin, "/stats") => match query_param(query, "format") {
+            Some("prometheus") => prometheus_text(state),
+            Some("json") => {
+                let body = state.shared.stats.render_plain(&state.shared, query_param(query, "filter"));
+                let stats: Vec<serde_json::Value> = body
+                    .lines()
+                    .filter_map(|l| l.split_once(": "))
+                    .map(|(name, value)| match value.parse::<f64>() {
+                        Ok(v) => json!({"name": name, "value": v}),
+                        Err(_) => json!({"name": name, "histogram": value}),
+                    })
+                    .collect();
+                json_response(&json!({ "stats": stats }))
+            }
+            _ => text(StatusCode::OK, state.shared.stats.render_plain(&state.shared, query_param(query, "filter"))),
+        },
+        (Surface::Admin, "/clusters") => clusters(state, query),
+        (Surface::Admin, "/server_info") => {
+            let uptime = state.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+            json_response(&json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "state": if state.is_ready() { "LIVE" } else if *state.shutdown.borrow() { "DRAINING" } else { "PRE_INITIALIZING" },
+                "hostname": state.shared.hostname,
+                "uptime_current_epoch": format!("{uptime}s"),
+                "uptime_all_epochs": format!("{uptime}s"),
+                "command_line_options": std::env::args().collect::<Vec<_>>(),
+                "config_generation": state.shared.hub.generation(),
+                "tracing": state.shared.stats.telemetry().is_some(),
+            }))
+        }
         (Surface::Admin, "/config_dump") => {
             let snap = state.shared.hub.load();
             let last = state.last_reload.lock().ok().and_then(|l| l.clone()).map(|o| format!("{o:?}"));
@@ -145,8 +257,12 @@ fn handle(state: &AdminState, surface: Surface, req: Request<Incoming>) -> Respo
             let _ = state.shutdown.send(true);
             text(StatusCode::OK, "OK\n")
         }
+        (Surface::Admin, "/reopen_logs") if req.method() == Method::POST => {
+            state.shared.stats.reopen_access_logs();
+            text(StatusCode::OK, "OK\n")
+        }
         (Surface::Admin, "/logging") if req.method() == Method::POST => {
-            let level = query.split('&').find_map(|kv| kv.strip_prefix("level="));
+            let level = query_param(query, "level");
             match (level, &state.set_log_level) {
                 (Some(l), Some(set)) => match set(l) {
                     Ok(()) => text(StatusCode::OK, format!("log level set to {l}\n")),
@@ -158,10 +274,19 @@ fn handle(state: &AdminState, surface: Surface, req: Request<Incoming>) -> Respo
                 (_, None) => text(StatusCode::NOT_IMPLEMENTED, "log level changes are not available\n"),
             }
         }
+        (Surface::Admin, "/quitquitquit" | "/reopen_logs" | "/logging") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n")
+        }
         (Surface::Admin, "/") => text(
             StatusCode::OK,
-            "sluice admin\n  /ready /server_info /config_dump /listeners /stats/prometheus\n  POST /logging?level=  POST /quitquitquit\n",
+            "sluice admin\n  GET  /ready /server_info /config_dump /listeners /clusters[?format=json]\n  GET  /stats[?filter=&format=json|prometheus] /stats/prometheus\n  POST /logging?level=  /reopen_logs  /quitquitquit\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+fn prometheus_text(state: &AdminState) -> Response<Full<Bytes>> {
+    let mut r = text(StatusCode::OK, state.shared.stats.render(&state.shared));
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
 }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, AdminState};
 use crate::control::{ControlOptions, ControlPlane, SnapshotHub};
-use crate::metrics::Stats;
+use crate::metrics::{Stats, StatsOptions};
 use crate::runtime::{DataPlaneHooks, ListenerStatus, NoHooks, Shared, start_workers};
 use crate::upstream::ClusterManager;
 
@@ -42,6 +42,8 @@ pub struct Config {
     pub hooks: Option<Arc<dyn DataPlaneHooks>>,
     /// The eBPF fast path (`--fast-path`); `None` is off.
     pub fast_path: Option<sluice_bpf::FastPathConfig>,
+    /// OTLP tracing (`--otlp-endpoint`, `--otlp-protocol`, `--trace-sampling`, `OTEL_*`).
+    pub tracing: crate::telemetry::TracingConfig,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             set_log_level: None,
             hooks: None,
             fast_path: None,
+            tracing: crate::telemetry::TracingConfig::default(),
         }
     }
 }
@@ -85,7 +88,16 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
     };
     let clusters =
         ClusterManager::new(Arc::new(crate::upstream_hooks::Hooks { certs: certs.clone(), datapath: hooks.clone() }));
-    let stats = Arc::new(Stats::new());
+    // Metrics, tracing and access logs. Built here, on the control runtime, where the trace
+    // exporters run.
+    let stats = Arc::new(
+        Stats::new(StatsOptions {
+            fast_path: fast_path.clone(),
+            tracing: config.tracing.clone(),
+            clusters: clusters.clone(),
+        })
+        .context("cannot set up metrics and tracing")?,
+    );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let mut control = ControlPlane::new(
@@ -106,6 +118,12 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
     }
     if let Some(fp) = fast_path.clone() {
         control.on_snapshot(move |s| fp.on_snapshot(s));
+    }
+    {
+        // After the clusters: per-cluster and per-listener handles see the new clusters.
+        let stats = stats.clone();
+        let clusters = clusters.clone();
+        control.on_snapshot(move |s| stats.on_snapshot(s, &clusters));
     }
 
     let shared = Arc::new(Shared {
@@ -201,6 +219,8 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
     for w in workers {
         let _ = tokio::task::spawn_blocking(move || w.join()).await;
     }
+    // The last requests' spans and access log lines.
+    stats.shutdown().await;
     Ok(())
 }
 

@@ -15,8 +15,10 @@
 //! - [`route`]: matching, rewrites, redirects, header mutations, CORS;
 //! - [`upstream`]: clusters, load balancers, circuit breakers, outlier detection, pools;
 //! - [`tcp_proxy`]: L4 proxying (TLS passthrough);
-//! - [`admin`], [`metrics`]: the admin API, health and Prometheus endpoints.
+//! - [`admin`], [`metrics`]: the admin API, health and Prometheus endpoints;
+//! - [`telemetry`], [`access_log`]: OTLP tracing and access logs.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod body;
@@ -29,6 +31,7 @@ pub mod route;
 pub mod runtime;
 pub mod source;
 pub mod tcp_proxy;
+pub mod telemetry;
 pub mod upstream;
 pub mod upstream_hooks;
 

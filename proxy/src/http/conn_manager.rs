@@ -110,17 +110,29 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let observer = req.extensions_mut().remove::<ObsHandle>();
         let hcm = self.config.hcm();
         let conn = self.config.conn.clone();
         let grpc = is_grpc(req.headers());
-        let ctx = match prepare(&mut req, &conn, &hcm) {
+        // The observation of this exchange: stats always, access logs and a server span when
+        // configured. Reported when the response body has been sent.
+        let exchange = observer.map(|o| Exchange::begin(o.0.bundle(&hcm), conn.clone()));
+        let mut ctx = match prepare(&mut req, &conn, &hcm) {
             Ok(ctx) => ctx,
             Err(reason) => {
                 let mut resp = local_reply(reason, grpc);
                 finish_response(&mut resp, &hcm, None);
+                if let Some(mut ex) = exchange {
+                    ex.on_request(&mut req, None);
+                    resp = ex.on_response(resp);
+                }
                 return Box::pin(async move { Ok(resp) });
             }
         };
+        let exchange = exchange.map(|mut ex| {
+            ex.on_request(&mut req, Some(&mut ctx));
+            ex
+        });
         let request_id =
             if hcm.always_set_request_id_in_response { req.headers().get("x-request-id").cloned() } else { None };
         let request_timeout = hcm.request_timeout;
@@ -130,6 +142,9 @@ where
         let finish = move |r: Result<Response<Body>, std::convert::Infallible>| {
             let mut resp = r?;
             finish_response(&mut resp, &hcm, request_id);
+            if let Some(ex) = exchange {
+                resp = ex.on_response(resp);
+            }
             Ok(resp)
         };
         match request_timeout {
@@ -237,6 +252,7 @@ pub fn prepare(
         internal,
         client: SocketAddr::new(client_ip, conn.remote.port()),
         hostname: hostname(),
+        obs: None,
     })
 }
 
@@ -543,6 +559,473 @@ fn strip_host_port(req: &mut Request<Body>, hcm: &HttpConnectionManager, listene
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Observation: what every exchange reports once its response body has been sent.
+
+/// The connection's observer, put in each request's extensions by the server (which knows
+/// the worker's shared state) and taken out here.
+#[derive(Clone)]
+pub struct ObsHandle(pub Arc<crate::metrics::ConnObserver>);
+
+/// Why a response was generated locally, in Envoy's `%RESPONSE_CODE_DETAILS%` words.
+fn details(reason: Option<LocalReason>) -> &'static str {
+    match reason {
+        None => "via_upstream",
+        Some(LocalReason::NoRoute) => "route_not_found",
+        Some(LocalReason::NoCluster) => "cluster_not_found",
+        Some(LocalReason::NoHealthyUpstream) => "no_healthy_upstream",
+        Some(LocalReason::Overflow) => "upstream_reset_before_response_started{overflow}",
+        Some(LocalReason::UpstreamTimeout) => "upstream_response_timeout",
+        Some(LocalReason::ConnectFailure) => "upstream_reset_before_response_started{connection_failure}",
+        Some(LocalReason::UpstreamReset) => "upstream_reset_before_response_started{connection_termination}",
+        Some(LocalReason::BadRequest) => "invalid_request",
+        Some(LocalReason::StreamIdleTimeout) => "stream_idle_timeout",
+        Some(LocalReason::RequestTimeout) => "request_overall_timeout",
+        Some(LocalReason::Configured) => "direct_response",
+        Some(LocalReason::PayloadTooLarge) => "request_payload_too_large",
+        Some(LocalReason::Forbidden) => "forbidden",
+    }
+}
+
+/// Request facts an access log may print, captured only when the connection manager has
+/// access logs, and only the headers their formats name.
+struct LogCapture {
+    method: http::Method,
+    path: String,
+    authority: Option<String>,
+    scheme: &'static str,
+    request: Vec<Option<HeaderValue>>,
+    response: Vec<Option<HeaderValue>>,
+    trailers: Vec<Option<HeaderValue>>,
+    protocol: &'static str,
+    client: SocketAddr,
+}
+
+/// One request/response exchange being observed.
+struct Exchange {
+    bundle: Arc<crate::metrics::HcmObs>,
+    conn: Arc<ConnInfo>,
+    start: Instant,
+    start_time: SystemTime,
+    rec: Arc<super::ctx::RequestObs>,
+    method: http::Method,
+    span: Option<crate::telemetry::Span>,
+    log: Option<Box<LogCapture>>,
+    /// The request path, when `grpc_stats` counts this gRPC call.
+    grpc_path: Option<String>,
+    status: u16,
+    reason: Option<LocalReason>,
+    bytes_sent: u64,
+    grpc_status: Option<u32>,
+    response_frames: Option<GrpcFrames>,
+    reported: bool,
+}
+
+/// An exchange dropped before it was reported (the client went away before the response,
+/// or the request timed out in an inner layer) is still counted and logged, with no status.
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.report(false, false);
+        }
+    }
+}
+
+impl Exchange {
+    fn begin(bundle: Arc<crate::metrics::HcmObs>, conn: Arc<ConnInfo>) -> Exchange {
+        bundle.request_started();
+        Exchange {
+            bundle,
+            conn,
+            start: Instant::now(),
+            start_time: SystemTime::now(),
+            rec: Arc::default(),
+            method: http::Method::GET,
+            span: None,
+            log: None,
+            grpc_path: None,
+            status: 0,
+            reason: None,
+            bytes_sent: 0,
+            grpc_status: None,
+            response_frames: None,
+            reported: false,
+        }
+    }
+
+    /// After the connection manager has prepared the request (`ctx` is `None` when it was
+    /// refused): decide sampling and start the server span, capture what access logs need,
+    /// and count the request body.
+    fn on_request(&mut self, req: &mut Request<Body>, ctx: Option<&mut RequestCtx>) {
+        self.method = req.method().clone();
+        let grpc = ctx.as_ref().is_some_and(|c| c.grpc);
+        let trace = match (&self.bundle.tracer, &ctx) {
+            (Some(t), Some(c)) => {
+                let name = req.method().as_str().to_string();
+                t.start_server(req.headers(), name, || server_span_attributes(req, c)).map(|(span, trace)| {
+                    self.span = Some(span);
+                    trace
+                })
+            }
+            _ => None,
+        };
+        self.rec = Arc::new(super::ctx::RequestObs::new(trace));
+        if !self.bundle.loggers.is_empty() {
+            let c = &self.bundle.captures;
+            let h = req.headers();
+            self.log = Some(Box::new(LogCapture {
+                method: req.method().clone(),
+                path: req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string(),
+                authority: h.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string),
+                scheme: ctx.as_ref().map(|c| c.scheme).unwrap_or(if self.conn.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }),
+                request: c.request.iter().map(|n| h.get(n).cloned()).collect(),
+                response: Vec::new(),
+                trailers: Vec::new(),
+                protocol: ctx.as_ref().map(|c| c.protocol).unwrap_or(match req.version() {
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                }),
+                client: ctx.as_ref().map(|c| c.client).unwrap_or(self.conn.remote),
+            }));
+        }
+        if grpc && self.bundle.grpc_stats.is_some() {
+            self.grpc_path = Some(req.uri().path().to_string());
+            self.response_frames = Some(GrpcFrames::default());
+        }
+        let body_counted = self.log.is_some() || self.grpc_path.is_some();
+        if http_body::Body::is_end_stream(req.body()) {
+            self.rec.request_complete();
+        } else if body_counted {
+            let inner = std::mem::replace(req.body_mut(), crate::body::empty());
+            let frames = self.grpc_path.as_ref().map(|_| GrpcFrames::default());
+            *req.body_mut() = crate::body::boxed(RequestBody { inner, rec: self.rec.clone(), frames });
+        }
+        if let Some(c) = ctx {
+            c.obs = Some(self.rec.clone());
+        }
+    }
+
+    /// The response is leaving: record what its head says; the exchange is reported when
+    /// its body ends.
+    fn on_response(mut self, resp: Response<Body>) -> Response<Body> {
+        self.status = resp.status().as_u16();
+        self.reason = resp.extensions().get::<super::local_reply::LocalReply>().map(|l| l.0);
+        if let Some(log) = &mut self.log {
+            let h = resp.headers();
+            log.response = self.bundle.captures.response.iter().map(|n| h.get(n).cloned()).collect();
+        }
+        if self.grpc_path.is_some() {
+            self.grpc_status = grpc_status(resp.headers());
+        }
+        // No body to wait for (HEAD: hyper never polls it, it only drops it).
+        if http_body::Body::is_end_stream(resp.body()) || self.method == http::Method::HEAD {
+            self.report(true, false);
+            return resp;
+        }
+        resp.map(|b| crate::body::boxed(ResponseBody { inner: b, exchange: Some(Box::new(self)) }))
+    }
+
+    /// Reports the exchange (once): statistics, access logs, the server span.
+    fn report(&mut self, completed: bool, errored: bool) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        let duration = self.start.elapsed();
+        let up = self.rec.upstream_record();
+        let route = self.rec.route();
+        let status = self.status;
+        self.bundle.request_finished(status, duration, route.map(|(_, r)| r));
+        let flags = match (self.reason, completed, errored) {
+            (Some(r), _, _) if !r.flag().is_empty() => r.flag(),
+            (_, _, true) => "UR",
+            (_, false, _) => "DC",
+            _ => "",
+        };
+        if let (Some(path), Some(mode), Some(metrics)) = (&self.grpc_path, self.bundle.grpc_stats, &up.metrics)
+            && let Some(g) = metrics.grpc(path, mode.per_method)
+        {
+            g.total.inc();
+            // No grpc-status at all is a failure (a proxy or a broken server answered).
+            if self.grpc_status == Some(0) {
+                g.success.inc()
+            } else {
+                g.failure.inc()
+            }
+            g.request_messages.inc_by(self.rec.request_messages());
+            g.response_messages.inc_by(self.response_frames.as_ref().map(|f| f.count).unwrap_or(0));
+            if mode.upstream_time {
+                g.upstream_rq_time.observe(duration.as_secs_f64() * 1000.0);
+            }
+        }
+        let route_name = route.map(|(_, r)| r.name.as_str()).filter(|n| !n.is_empty());
+        if let Some(log) = &self.log {
+            let host = hostname();
+            let entry = crate::access_log::Entry {
+                start_time: self.start_time,
+                duration,
+                request_duration: self.rec.request_end().map(|t| t.saturating_duration_since(self.start)),
+                response_duration: up.response_start.map(|t| t.saturating_duration_since(self.start)),
+                method: log.method.as_str(),
+                path: &log.path,
+                authority: log.authority.as_deref(),
+                scheme: log.scheme,
+                request_headers: &log.request,
+                response_headers: &log.response,
+                trailers: &log.trailers,
+                status,
+                details: details(self.reason),
+                flags,
+                bytes_received: self.rec.bytes_received(),
+                bytes_sent: self.bytes_sent,
+                protocol: log.protocol,
+                upstream_host: up.host,
+                upstream_cluster: up.cluster.as_deref(),
+                attempts: up.attempts,
+                remote: log.client,
+                direct_remote: self.conn.remote,
+                local: self.conn.local,
+                route_name,
+                sni: self.conn.tls.as_ref().and_then(|t| t.sni.as_deref()),
+                hostname: &host,
+                trace_id: self.rec.trace.as_ref().map(|t| t.trace_id().to_string()),
+            };
+            for l in &self.bundle.loggers {
+                l.log(&entry);
+            }
+        }
+        if let Some(mut span) = self.span.take() {
+            use opentelemetry::KeyValue;
+            span.set(KeyValue::new("http.response.status_code", i64::from(status)));
+            if let Some((vh, r)) = route {
+                let label = if r.name.is_empty() { vh.name.clone() } else { r.name.clone() };
+                span.rename(format!("{} {label}", self.method));
+                span.set(KeyValue::new("http.route", label));
+                span.set(KeyValue::new("sluice.virtual_host", vh.name.clone()));
+            }
+            if let Some(c) = &up.cluster {
+                span.set(KeyValue::new("upstream_cluster", c.to_string()));
+            }
+            if let Some(h) = up.host {
+                span.set(KeyValue::new("upstream_address", h.to_string()));
+            }
+            if up.attempts > 0 {
+                span.set(KeyValue::new("sluice.upstream.attempts", i64::from(up.attempts)));
+                span.set(KeyValue::new("sluice.upstream.retries", i64::from(up.attempts - 1)));
+            }
+            span.set(KeyValue::new("http.response.body.size", self.bytes_sent as i64));
+            if !flags.is_empty() {
+                span.set(KeyValue::new("response_flags", flags));
+            }
+            if status >= 500 || !completed {
+                span.set(KeyValue::new("error.type", if completed { status.to_string() } else { flags.to_string() }));
+                span.error("");
+            }
+            span.end();
+        }
+    }
+}
+
+/// The server span's attributes at the start of a sampled request (OpenTelemetry's HTTP
+/// semantic conventions, plus Envoy's `guid:x-request-id` and `component` tags).
+fn server_span_attributes(req: &Request<Body>, ctx: &RequestCtx) -> Vec<opentelemetry::KeyValue> {
+    use opentelemetry::KeyValue;
+    let h = req.headers();
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let server_address = sluice_config::model::strip_port(host).unwrap_or(host);
+    let mut a = vec![
+        KeyValue::new("http.request.method", req.method().as_str().to_string()),
+        KeyValue::new("url.path", req.uri().path().to_string()),
+        KeyValue::new("url.scheme", ctx.scheme),
+        KeyValue::new("server.address", server_address.to_string()),
+        KeyValue::new("server.port", i64::from(ctx.conn.local.port())),
+        KeyValue::new(
+            "network.protocol.version",
+            match req.version() {
+                http::Version::HTTP_2 => "2",
+                http::Version::HTTP_10 => "1.0",
+                _ => "1.1",
+            },
+        ),
+        KeyValue::new("client.address", ctx.client.ip().to_string()),
+        KeyValue::new("network.peer.address", ctx.conn.remote.ip().to_string()),
+        KeyValue::new("network.peer.port", i64::from(ctx.conn.remote.port())),
+        KeyValue::new("sluice.listener", ctx.conn.listener.to_string()),
+        KeyValue::new("component", "proxy"),
+    ];
+    if let Some(q) = req.uri().query() {
+        a.push(KeyValue::new("url.query", q.to_string()));
+    }
+    if let Some(ua) = h.get(header::USER_AGENT).and_then(|v| v.to_str().ok()) {
+        a.push(KeyValue::new("user_agent.original", ua.to_string()));
+    }
+    if let Some(id) = h.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        a.push(KeyValue::new("guid:x-request-id", id.to_string()));
+    }
+    a
+}
+
+fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+    h.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok())
+}
+
+/// Counts gRPC messages in a body: each is a 5-byte prefix (flag, big-endian length) and
+/// the message, and either may be split across data frames.
+#[derive(Debug, Default, Clone)]
+pub struct GrpcFrames {
+    /// Message bytes still to skip.
+    remaining: u64,
+    prefix: [u8; 5],
+    have: usize,
+    pub count: u64,
+}
+
+impl GrpcFrames {
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining as usize).min(data.len());
+                self.remaining -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                self.count += 1;
+                self.have = 0;
+                self.remaining =
+                    u64::from(u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]));
+            }
+        }
+    }
+}
+
+/// The request body, counted (`%BYTES_RECEIVED%`, `%REQUEST_DURATION%`, gRPC messages).
+struct RequestBody {
+    inner: Body,
+    rec: Arc<super::ctx::RequestObs>,
+    frames: Option<GrpcFrames>,
+}
+
+impl RequestBody {
+    fn complete(&mut self) {
+        if let Some(f) = self.frames.take() {
+            self.rec.add_request_messages(f.count);
+        }
+        self.rec.request_complete();
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.rec.add_bytes_received(d.len() as u64);
+                    if let Some(fr) = self.frames.as_mut() {
+                        fr.feed(d);
+                    }
+                }
+                if self.inner.is_end_stream() {
+                    self.complete();
+                }
+            }
+            Poll::Ready(None) => self.complete(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body; the exchange is reported when it ends (or is dropped: the client went
+/// away, or the stream failed).
+struct ResponseBody {
+    inner: Body,
+    exchange: Option<Box<Exchange>>,
+}
+
+impl ResponseBody {
+    fn finish(&mut self, completed: bool, errored: bool) {
+        if let Some(mut ex) = self.exchange.take() {
+            ex.report(completed, errored);
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = bytes::Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(ex) = self.exchange.as_mut() {
+                    if let Some(d) = f.data_ref() {
+                        ex.bytes_sent += d.len() as u64;
+                        if let Some(fr) = ex.response_frames.as_mut() {
+                            fr.feed(d);
+                        }
+                    } else if let Some(t) = f.trailers_ref() {
+                        if ex.grpc_path.is_some() {
+                            ex.grpc_status = grpc_status(t).or(ex.grpc_status);
+                        }
+                        if let Some(log) = ex.log.as_mut() {
+                            log.trailers = ex.bundle.captures.trailers.iter().map(|n| t.get(n).cloned()).collect();
+                        }
+                    }
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(true, false);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(false, true),
+            Poll::Ready(None) => self.finish(true, false),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.finish(false, false);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,6 +1047,21 @@ mod tests {
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "4");
         assert_ne!(new_request_id(), id);
+    }
+
+    #[test]
+    fn grpc_frames_across_chunks() {
+        let mut f = GrpcFrames::default();
+        // Two messages (3 and 0 bytes), split at awkward places.
+        let wire = [0u8, 0, 0, 0, 3, b'a', b'b', b'c', 0, 0, 0, 0, 0];
+        f.feed(&wire[..2]);
+        f.feed(&wire[2..6]);
+        f.feed(&wire[6..9]);
+        f.feed(&wire[9..]);
+        assert_eq!(f.count, 2);
+        let mut g = GrpcFrames::default();
+        g.feed(&wire);
+        assert_eq!(g.count, 2);
     }
 
     #[test]

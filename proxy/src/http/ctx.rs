@@ -2,7 +2,8 @@
 //! extensions, so each layer reads what earlier layers decided without re-parsing.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use sluice_config::model::{HttpConnectionManager, Route, RouteConfig, VirtualHost, WeightedCluster};
@@ -78,4 +79,86 @@ pub struct RequestCtx {
     pub client: SocketAddr,
     /// This node's host name (`%HOSTNAME%`).
     pub hostname: Arc<str>,
+    /// What the layers learn about this request for stats, access logs and traces; `None`
+    /// when nothing observes the request.
+    pub obs: Option<Arc<RequestObs>>,
+}
+
+/// Facts about one request that later layers learn and the connection manager reports when
+/// the response has been sent: the route (router), the upstream attempts (forward), the
+/// request body size, and the trace its upstream attempts join.
+#[derive(Default)]
+pub struct RequestObs {
+    route: OnceLock<(Arc<VirtualHost>, usize)>,
+    upstream: Mutex<UpstreamRecord>,
+    bytes_received: AtomicU64,
+    request_messages: AtomicU64,
+    request_end: OnceLock<Instant>,
+    /// The sampled request's trace; `None` when it is not traced.
+    pub trace: Option<crate::telemetry::TraceCtx>,
+}
+
+/// The upstream side of a request, as the last attempt left it.
+#[derive(Clone, Default)]
+pub struct UpstreamRecord {
+    pub cluster: Option<Arc<str>>,
+    pub host: Option<SocketAddr>,
+    /// Attempts made (1 without retries).
+    pub attempts: u32,
+    /// When the response headers of the answering attempt arrived.
+    pub response_start: Option<Instant>,
+    /// The cluster's metrics (for gRPC statistics).
+    pub metrics: Option<Arc<crate::metrics::ClusterMetrics>>,
+}
+
+impl RequestObs {
+    pub fn new(trace: Option<crate::telemetry::TraceCtx>) -> Self {
+        RequestObs { trace, ..Default::default() }
+    }
+
+    /// Records the route the router chose (once).
+    pub fn set_route(&self, vhost: &Arc<VirtualHost>, route_index: usize) {
+        let _ = self.route.set((vhost.clone(), route_index));
+    }
+
+    pub fn route(&self) -> Option<(&Arc<VirtualHost>, &Route)> {
+        let (vh, i) = self.route.get()?;
+        Some((vh, vh.routes.get(*i)?))
+    }
+
+    pub fn upstream(&self, f: impl FnOnce(&mut UpstreamRecord)) {
+        if let Ok(mut u) = self.upstream.lock() {
+            f(&mut u);
+        }
+    }
+
+    pub fn upstream_record(&self) -> UpstreamRecord {
+        self.upstream.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    pub fn add_bytes_received(&self, n: u64) {
+        self.bytes_received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received.load(Ordering::Relaxed)
+    }
+
+    /// gRPC messages in the request body (counted only for `grpc_stats`).
+    pub fn add_request_messages(&self, n: u64) {
+        self.request_messages.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn request_messages(&self) -> u64 {
+        self.request_messages.load(Ordering::Relaxed)
+    }
+
+    /// The request body has been received in full.
+    pub fn request_complete(&self) {
+        let _ = self.request_end.set(Instant::now());
+    }
+
+    pub fn request_end(&self) -> Option<Instant> {
+        self.request_end.get().copied()
+    }
 }

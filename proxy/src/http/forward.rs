@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
+use opentelemetry::KeyValue;
 use sluice_config::model::{ForwardAction, HttpFilter, RouteAction};
 use tokio::time::Instant;
 use tower::Service;
@@ -21,6 +22,7 @@ use super::local_reply::{LocalReason, local_reply};
 use super::replay::ReplayBody;
 use super::retry::{self, Attempt};
 use crate::body::{self, Body};
+use crate::metrics::ClusterMetrics;
 use crate::runtime::Worker;
 use crate::upstream::{LbContext, Outcome, UpstreamError};
 
@@ -66,11 +68,22 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
     let RouteAction::Forward(action) = &route.action else {
         return local_reply(LocalReason::NoRoute, ctx.grpc);
     };
+    let obs = ctx.obs.clone();
+    if let Some(o) = &obs {
+        o.upstream(|u| u.cluster = Some(routed.cluster.clone()));
+    }
     let Some(cluster) = worker.shared.clusters.get(&routed.cluster) else {
         return local_reply(LocalReason::NoCluster, ctx.grpc);
     };
+    let metrics = worker.shared.stats.cluster(&cluster);
+    if let Some(o) = &obs {
+        o.upstream(|u| u.metrics = Some(metrics.clone()));
+    }
+    let trace = obs.as_ref().and_then(|o| o.trace.as_ref());
     let retry_policy = action.retry_policy.clone().or_else(|| routed.vhost.retry_policy.clone());
-    let global_timeout = effective_timeout(action, req.headers(), ctx.grpc);
+    // The headers, not `ctx.grpc`: a gRPC-Web request is gRPC once transcoded (Envoy's router
+    // also classifies the headers it receives), so `grpc-timeout` applies to it too.
+    let global_timeout = effective_timeout(action, req.headers(), super::local_reply::is_grpc(req.headers()));
     let deadline = global_timeout.map(|t| Instant::now() + t);
     let per_try = retry_policy.as_ref().and_then(|p| p.per_try_timeout);
 
@@ -139,6 +152,22 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
         if attempt_no > 1 && routed.vhost.include_request_attempt_count {
             req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(attempt_no));
         }
+        // One client span per attempt, so retries show in the trace; the upstream joins it.
+        let mut span = trace.map(|t| {
+            let s = t.client_span(
+                req.method().as_str().to_string(),
+                client_span_attributes(&req, &cluster, &host, attempt_no),
+            );
+            crate::telemetry::propagation::inject(req.headers_mut(), &s.context());
+            s
+        });
+        if let Some(o) = &obs {
+            o.upstream(|u| {
+                u.host = host.socket_addr();
+                u.attempts = attempt_no;
+            });
+        }
+        let attempt_start = Instant::now();
         let send = worker.pools.send(&cluster, &host, req, ctx.downstream_h2);
         let try_deadline = match (per_try.map(|p| Instant::now() + p), deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -159,16 +188,32 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
             Attempt::Response(r) => {
                 host.record(Outcome::from_status(r.status().as_u16()));
                 cluster.stats().record_status(r.status().as_u16());
+                if let Some(s) = span.as_mut() {
+                    s.set(KeyValue::new("http.response.status_code", i64::from(r.status().as_u16())));
+                    s.set(KeyValue::new("network.protocol.version", protocol_version(r.version())));
+                    if r.status().is_server_error() {
+                        s.set(KeyValue::new("error.type", r.status().as_u16().to_string()));
+                        s.error("");
+                    }
+                }
             }
             Attempt::Error(e) => {
                 if e.is_local_origin() {
                     host.record(Outcome::LocalOriginFailure);
                 }
                 cluster.stats().record_error(e);
+                if let Some(s) = span.as_mut() {
+                    s.set(KeyValue::new("error.type", error_type(e)));
+                    s.error("upstream request failed");
+                }
             }
             Attempt::Timeout { .. } => {
                 host.record(Outcome::LocalOriginFailure);
                 cluster.stats().record_timeout();
+                if let Some(s) = span.as_mut() {
+                    s.set(KeyValue::new("error.type", "timeout"));
+                    s.error("upstream request timeout");
+                }
             }
         }
         let can_retry = attempt_no < max_attempts
@@ -179,6 +224,13 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
             && !matches!(result, Attempt::Timeout { global: true });
         if can_retry {
             cluster.stats().record_retry();
+            // A retried attempt ends here; so does its span.
+            if matches!(result, Attempt::Response(_)) {
+                metrics.observe_rq_time(attempt_start.elapsed());
+            }
+            if let Some(s) = span.take() {
+                s.end();
+            }
             if let Attempt::Response(r) = result {
                 // Keep the response in case the retry cannot happen (budget, no host).
                 last = Some(r.map(body::boxed));
@@ -195,7 +247,11 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
         }
         return match result {
             Attempt::Response(r) => {
-                let mut resp = r.map(|b| body::boxed(GuardedBody { inner: b, _guard: req_guard }));
+                if let Some(o) = &obs {
+                    o.upstream(|u| u.response_start = Some(std::time::Instant::now()));
+                }
+                let done = AttemptDone { start: attempt_start, metrics: metrics.clone(), span };
+                let mut resp = r.map(|b| body::boxed(GuardedBody { inner: b, _guard: req_guard, done: Some(done) }));
                 if routed.vhost.include_attempt_count_in_response {
                     resp.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(attempt_no));
                 }
@@ -204,6 +260,55 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
             Attempt::Error(e) => error_reply(&e, ctx.grpc),
             Attempt::Timeout { .. } => local_reply(LocalReason::UpstreamTimeout, ctx.grpc),
         };
+    }
+}
+
+/// A client span's attributes (OpenTelemetry's HTTP client conventions, plus Envoy's
+/// `upstream_cluster`/`upstream_address` tags and the attempt number).
+fn client_span_attributes(
+    req: &Request<Body>,
+    cluster: &crate::upstream::ClusterRuntime,
+    host: &crate::upstream::Host,
+    attempt: u32,
+) -> Vec<KeyValue> {
+    let addr = host.socket_addr();
+    let mut a = vec![
+        KeyValue::new("http.request.method", req.method().as_str().to_string()),
+        KeyValue::new("url.path", req.uri().path().to_string()),
+        KeyValue::new("upstream_cluster", cluster.name().to_string()),
+        KeyValue::new("sluice.attempt", i64::from(attempt)),
+    ];
+    if let Some(addr) = addr {
+        a.push(KeyValue::new("server.address", addr.ip().to_string()));
+        a.push(KeyValue::new("server.port", i64::from(addr.port())));
+        a.push(KeyValue::new("network.peer.address", addr.ip().to_string()));
+        a.push(KeyValue::new("upstream_address", addr.to_string()));
+    } else if let Some(name) = host.hostname() {
+        a.push(KeyValue::new("server.address", name.to_string()));
+    }
+    if attempt > 1 {
+        a.push(KeyValue::new("http.request.resend_count", i64::from(attempt - 1)));
+    }
+    a
+}
+
+fn protocol_version(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    }
+}
+
+fn error_type(e: &UpstreamError) -> &'static str {
+    if e.is_overflow() {
+        "overflow"
+    } else if e.is_connect_failure() {
+        "connect_failure"
+    } else if e.is_timeout() {
+        "timeout"
+    } else {
+        "reset"
     }
 }
 
@@ -317,11 +422,42 @@ fn spawn_mirrors(
     }
 }
 
+/// The end of the answering attempt: its `upstream_rq_time` and its client span, recorded
+/// when the response body ends.
+struct AttemptDone {
+    start: Instant,
+    metrics: Arc<ClusterMetrics>,
+    span: Option<crate::telemetry::Span>,
+}
+
+impl AttemptDone {
+    fn finish(self, completed: bool) {
+        self.metrics.observe_rq_time(self.start.elapsed());
+        if let Some(mut s) = self.span {
+            if !completed {
+                s.set(KeyValue::new("error.type", "response_incomplete"));
+                s.error("response body did not complete");
+            }
+            s.end();
+        }
+    }
+}
+
 /// Keeps the circuit-breaker slot (and the host's active-request count) until the response
-/// body has been fully sent, as Envoy counts a request active until its stream ends.
+/// body has been fully sent, as Envoy counts a request active until its stream ends; then
+/// records the attempt's duration and ends its span.
 struct GuardedBody<B, G> {
     inner: B,
     _guard: G,
+    done: Option<AttemptDone>,
+}
+
+impl<B, G> Drop for GuardedBody<B, G> {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            d.finish(false);
+        }
+    }
 }
 
 impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for GuardedBody<B, G> {
@@ -332,7 +468,19 @@ impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for GuardedBody<B, G>
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let ended = match &r {
+            Poll::Ready(None) => Some(true),
+            Poll::Ready(Some(Err(_))) => Some(false),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => Some(true),
+            _ => None,
+        };
+        if let Some(completed) = ended
+            && let Some(d) = self.done.take()
+        {
+            d.finish(completed);
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

@@ -75,7 +75,9 @@ enum Decision {
 struct PostProcess {
     routed: Routed,
     ctx: RequestCtx,
-    request_headers: http::HeaderMap,
+    /// The downstream request's headers, kept only when a response header mutation may refer
+    /// to them (`%REQ(...)%`): cloning every request's headers would cost more than routing.
+    request_headers: Option<http::HeaderMap>,
     cors_headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
@@ -83,7 +85,7 @@ impl PostProcess {
     fn apply(self, resp: &mut Response<Body>) {
         let PostProcess { routed, ctx, request_headers, cors_headers } = self;
         let local = resp.extensions().get::<LocalReply>().is_some();
-        let tctx = template_ctx(&ctx, Some(&request_headers));
+        let tctx = template_ctx(&ctx, request_headers.as_ref());
         route::apply_response_mutations(
             &routed.route_config,
             &routed.vhost,
@@ -100,6 +102,18 @@ impl PostProcess {
             resp.headers_mut().insert("x-envoy-upstream-service-time", HeaderValue::from(ms as u64));
         }
     }
+}
+
+/// Whether any response header mutation on the route's path uses `%REQ(...)%`.
+fn response_needs_request_headers(routed: &Routed) -> bool {
+    use sluice_config::model::{HeaderMutations, TemplatePart};
+    let uses = |m: &HeaderMutations| {
+        m.add.iter().any(|a| a.value.parts.iter().any(|p| matches!(p, TemplatePart::RequestHeader(_))))
+    };
+    uses(&routed.route_config.response_headers)
+        || uses(&routed.vhost.response_headers)
+        || uses(&routed.route().response_headers)
+        || routed.weighted_cluster().is_some_and(|w| uses(&w.response_headers))
 }
 
 fn suppress_envoy_headers(ctx: &RequestCtx) -> bool {
@@ -150,6 +164,10 @@ fn route_request(mut req: Request<Body>) -> Decision {
             Some(Selection::Route { vhost, route }) => (vhost, route),
         };
         let route_index = vhost.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0);
+        // Route identity for per-route statistics, access logs and the server span.
+        if let Some(obs) = &ctx.obs {
+            obs.set_route(vhost, route_index);
+        }
         let cors_enabled = ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Cors))
             && !route.disabled_filters.iter().any(|f| f == "envoy.filters.http.cors");
         let decision = if cors_enabled {
@@ -227,7 +245,7 @@ fn route_request(mut req: Request<Body>) -> Decision {
 
     // Request header mutations, then the host rewrite (which sees the mutated headers), then
     // the path rewrite.
-    let request_headers = req.headers().clone();
+    let request_headers = response_needs_request_headers(&routed).then(|| req.headers().clone());
     {
         let tctx = template_ctx(&ctx, None);
         route::apply_request_mutations(&rc, &vhost, route, routed.weighted_cluster(), req.headers_mut(), &tctx);

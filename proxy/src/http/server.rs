@@ -24,7 +24,17 @@ pub async fn serve<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = TowerToHyperService::new(super::stack::build(worker.clone(), conn.clone(), hcm.clone()));
+    // Counts the connection (`downstream_cx_*`) while it lives, and hands every request the
+    // connection's observer, through which the connection manager reports the exchange.
+    let observer = super::conn_manager::ObsHandle(worker.shared.stats.connection(&hcm));
+    let stack = super::stack::build(worker.clone(), conn.clone(), hcm.clone());
+    let svc = TowerToHyperService::new(tower::ServiceExt::map_request(
+        stack,
+        move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(observer.clone());
+            req
+        },
+    ));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // h2 over TLS is chosen by ALPN; in cleartext by the preface (prior knowledge).
     let alpn_h2 = conn.tls.as_ref().and_then(|t| t.alpn.as_deref()) == Some(b"h2".as_slice());
