@@ -184,26 +184,16 @@ pub fn prepare(
 
     headers_with_underscores(req, hcm.headers_with_underscores_action)?;
 
-    // Client address and XFF.
+    // Client address and XFF. Repeated XFF lines count as one comma-joined value, as Envoy
+    // keeps them.
+    join_repeated(req.headers_mut(), "x-forwarded-for");
     let peer_ip = conn.remote.ip();
-    let (client_ip, trusted) = client_address(req.headers(), peer_ip, hcm);
+    let client_ip = client_address(req.headers(), peer_ip, hcm);
     let internal = is_internal(client_ip, &hcm.internal_address_cidrs);
     if hcm.use_remote_address && !hcm.skip_xff_append {
         append_xff(req.headers_mut(), peer_ip);
     }
-    if hcm.use_remote_address {
-        if internal {
-            req.headers_mut().insert("x-envoy-internal", HeaderValue::from_static("true"));
-        } else {
-            // Envoy strips its own control headers from external requests.
-            let drop: Vec<HeaderName> =
-                req.headers().keys().filter(|k| k.as_str().starts_with("x-envoy-")).cloned().collect();
-            for k in drop {
-                req.headers_mut().remove(k);
-            }
-        }
-    }
-    let _ = trusted;
+    sanitize(req.headers_mut(), internal, hcm.use_remote_address && !internal, client_ip);
 
     // x-forwarded-proto: the edge (use_remote_address) sets it from the connection; behind a
     // trusted hop it is preserved when present.
@@ -365,9 +355,73 @@ fn headers_with_underscores(req: &mut Request<Body>, action: HeadersWithUndersco
     Ok(())
 }
 
+/// Envoy's control headers, removed from requests that are not internal
+/// (`ConnectionManagerUtility::cleanInternalHeaders`): a client must not steer retries or
+/// timeouts.
+const CONTROL_HEADERS: [&str; 15] = [
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-stream-duration-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-original-url",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
+/// Removed as well on edge requests (`use_remote_address` and not internal).
+const EDGE_HEADERS: [&str; 5] = [
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+    "x-envoy-original-path",
+    "x-envoy-original-host",
+];
+
+/// Envoy's request sanitising (`mutateRequestHeaders`): a client never decides whether it is
+/// internal, never steers Envoy through control headers unless internal, and never supplies
+/// `x-forwarded-client-cert` (Envoy's default `forward_client_cert_details: SANITIZE`; the
+/// translator refuses the other modes).
+fn sanitize(h: &mut http::HeaderMap, internal: bool, edge: bool, client: IpAddr) {
+    h.remove("x-envoy-internal");
+    h.remove("x-forwarded-client-cert");
+    if internal {
+        h.insert("x-envoy-internal", HeaderValue::from_static("true"));
+        return;
+    }
+    for name in CONTROL_HEADERS {
+        h.remove(name);
+    }
+    if edge {
+        for name in EDGE_HEADERS {
+            h.remove(name);
+        }
+        if let Ok(v) = HeaderValue::from_str(&sluice_config::model::canonical_ip(client).to_string()) {
+            h.insert("x-envoy-external-address", v);
+        }
+    }
+}
+
+/// Folds repeated lines of a header into one comma-joined value.
+fn join_repeated(h: &mut http::HeaderMap, name: &'static str) {
+    let mut values = h.get_all(name).iter();
+    let (Some(_), Some(_)) = (values.next(), values.next()) else { return };
+    let joined: Vec<&str> = h.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+    if let Ok(v) = HeaderValue::from_str(&joined.join(",")) {
+        h.insert(name, v);
+    }
+}
+
 /// The client address: the peer with `use_remote_address`, otherwise the XFF entry
 /// `xff_num_trusted_hops` from the right (falling back to the peer).
-fn client_address(h: &http::HeaderMap, peer: IpAddr, hcm: &HttpConnectionManager) -> (IpAddr, bool) {
+fn client_address(h: &http::HeaderMap, peer: IpAddr, hcm: &HttpConnectionManager) -> IpAddr {
     let xff: Vec<IpAddr> = h
         .get_all("x-forwarded-for")
         .iter()
@@ -377,20 +431,14 @@ fn client_address(h: &http::HeaderMap, peer: IpAddr, hcm: &HttpConnectionManager
         .collect();
     if hcm.use_remote_address {
         if hcm.xff_num_trusted_hops == 0 || xff.is_empty() {
-            return (peer, true);
+            return peer;
         }
         // With trusted hops at the edge, Envoy counts the peer as the first hop.
         let n = hcm.xff_num_trusted_hops as usize;
-        return match xff.len().checked_sub(n) {
-            Some(i) => (xff[i], true),
-            None => (peer, false),
-        };
+        return xff.len().checked_sub(n).map(|i| xff[i]).unwrap_or(peer);
     }
     let n = hcm.xff_num_trusted_hops as usize + 1;
-    match xff.len().checked_sub(n) {
-        Some(i) => (xff[i], true),
-        None => (peer, false),
-    }
+    xff.len().checked_sub(n).map(|i| xff[i]).unwrap_or(peer)
 }
 
 fn append_xff(h: &mut http::HeaderMap, ip: IpAddr) {

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use opentelemetry::KeyValue;
 use sluice_config::model::{ForwardAction, HttpFilter, RouteAction};
 use tokio::time::Instant;
@@ -84,25 +84,26 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
     // The headers, not `ctx.grpc`: a gRPC-Web request is gRPC once transcoded (Envoy's router
     // also classifies the headers it receives), so `grpc-timeout` applies to it too.
     let global_timeout = effective_timeout(action, req.headers(), super::local_reply::is_grpc(req.headers()));
-    let deadline = global_timeout.map(|t| Instant::now() + t);
+    let forward_start = Instant::now();
+    let deadline = global_timeout.map(|t| forward_start + t);
     let per_try = retry_policy.as_ref().and_then(|p| p.per_try_timeout);
 
     let (mut parts, body) = req.into_parts();
     parts.extensions = http::Extensions::new();
     let suppress =
         ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Router { suppress_envoy_headers: true, .. }));
-    if !suppress {
-        let expected = match (per_try, global_timeout) {
-            (Some(p), Some(g)) => Some(p.min(g)),
-            (p, g) => p.or(g),
-        };
-        if let Some(t) = expected {
-            parts.headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
-        }
-    }
     // A request without a body (most GETs) needs no replay machinery: every attempt sends an
     // empty body, and the upstream sees no `content-length: 0` Envoy would not send either.
     let bodiless = http_body::Body::is_end_stream(&body);
+    // Envoy's HTTP/1 codec announces an empty body on methods that normally carry one
+    // (`HeaderUtility::requestShouldHaveNoBody`); some servers answer 411 otherwise.
+    if bodiless
+        && !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE | Method::TRACE | Method::CONNECT)
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && upstream_is_h1(cluster.config().protocol, ctx.downstream_h2)
+    {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
     let wants_replay = !bodiless
         && (retry_policy.as_ref().is_some_and(|p| p.num_retries > 0) || !action.request_mirror_policies.is_empty());
     // Without retries or mirrors the body streams once, untouched.
@@ -149,6 +150,23 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
             None => once.take().filter(|_| !bodiless).unwrap_or_else(body::empty),
         };
         let mut req = Request::from_parts(clone_parts(&parts), attempt_body);
+        // The time this attempt has: the per-try timeout, capped by what is left of the
+        // route timeout (Envoy's `setTimeoutHeaders`).
+        if !suppress {
+            // Whole elapsed milliseconds, as Envoy counts them: the first attempt announces the
+            // full route timeout.
+            let left = global_timeout.map(|g| {
+                let elapsed_ms = forward_start.elapsed().as_millis() as u64;
+                Duration::from_millis((g.as_millis() as u64).saturating_sub(elapsed_ms))
+            });
+            let expected = match (per_try, left) {
+                (Some(p), Some(g)) => Some(p.min(g)),
+                (p, g) => p.or(g),
+            };
+            if let Some(t) = expected {
+                req.headers_mut().insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
+            }
+        }
         if attempt_no > 1 && routed.vhost.include_request_attempt_count {
             req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(attempt_no));
         }
@@ -309,6 +327,17 @@ fn error_type(e: &UpstreamError) -> &'static str {
         "timeout"
     } else {
         "reset"
+    }
+}
+
+/// Whether a request goes upstream over HTTP/1 (before ALPN for `auto`, which is HTTP/1 in
+/// cleartext).
+fn upstream_is_h1(p: sluice_config::model::UpstreamProtocol, downstream_h2: bool) -> bool {
+    use sluice_config::model::UpstreamProtocol;
+    match p {
+        UpstreamProtocol::Http1 | UpstreamProtocol::Auto => true,
+        UpstreamProtocol::Http2 => false,
+        UpstreamProtocol::UseDownstream { h2 } => !(h2 && downstream_h2),
     }
 }
 

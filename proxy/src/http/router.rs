@@ -18,7 +18,7 @@ use tower::{Layer, Service};
 use super::ctx::{RequestCtx, Routed};
 use super::local_reply::{LocalReason, LocalReply, local_reply};
 use crate::body::{self, Body};
-use crate::route::{self, CorsDecision, RequestView, Selection, TemplateContext};
+use crate::route::{self, CorsDecision, PseudoHeaders, RequestView, Selection, TemplateContext};
 
 #[derive(Clone, Default)]
 pub struct RouterLayer;
@@ -78,14 +78,19 @@ struct PostProcess {
     /// The downstream request's headers, kept only when a response header mutation may refer
     /// to them (`%REQ(...)%`): cloning every request's headers would cost more than routing.
     request_headers: Option<http::HeaderMap>,
+    /// The request line as received, for `%REQ(:authority)%` and friends.
+    method: http::Method,
+    authority: String,
+    path: String,
     cors_headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl PostProcess {
     fn apply(self, resp: &mut Response<Body>) {
-        let PostProcess { routed, ctx, request_headers, cors_headers } = self;
+        let PostProcess { routed, ctx, request_headers, method, authority, path, cors_headers } = self;
         let local = resp.extensions().get::<LocalReply>().is_some();
-        let tctx = template_ctx(&ctx, request_headers.as_ref());
+        let pseudo = PseudoHeaders { method: method.as_str(), authority: &authority, path: &path, scheme: ctx.scheme };
+        let tctx = template_ctx(&ctx, request_headers.as_ref(), pseudo);
         route::apply_response_mutations(
             &routed.route_config,
             &routed.vhost,
@@ -120,8 +125,13 @@ fn suppress_envoy_headers(ctx: &RequestCtx) -> bool {
     ctx.hcm.http_filters.iter().any(|f| matches!(f, HttpFilter::Router { suppress_envoy_headers: true, .. }))
 }
 
-pub fn template_ctx<'a>(ctx: &'a RequestCtx, request_headers: Option<&'a http::HeaderMap>) -> TemplateContext<'a> {
+pub fn template_ctx<'a>(
+    ctx: &'a RequestCtx,
+    request_headers: Option<&'a http::HeaderMap>,
+    request: PseudoHeaders<'a>,
+) -> TemplateContext<'a> {
     let mut t = TemplateContext::new(ctx.client, ctx.conn.local);
+    t.request = request;
     t.hostname = &ctx.hostname;
     t.protocol = ctx.protocol;
     t.start_time = ctx.start_time;
@@ -141,6 +151,7 @@ fn route_request(mut req: Request<Body>) -> Decision {
     let random: u64 = rand::random();
     let authority = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let method = req.method().clone();
     let (vhost, route_index, cors_decision) = {
         let view = RequestView {
             method: req.method(),
@@ -184,7 +195,13 @@ fn route_request(mut req: Request<Body>) -> Decision {
                 *resp.status_mut() = status;
                 resp.headers_mut().insert(header::LOCATION, location);
                 resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
-                let tctx = template_ctx(&ctx, Some(req.headers()));
+                let pseudo = PseudoHeaders {
+                    method: view.method.as_str(),
+                    authority: &authority,
+                    path: &path,
+                    scheme: ctx.scheme,
+                };
+                let tctx = template_ctx(&ctx, Some(req.headers()), pseudo);
                 route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
                 return Decision::Reply(resp);
             }
@@ -202,7 +219,13 @@ fn route_request(mut req: Request<Body>) -> Decision {
                     resp.headers_mut().insert(header::LOCATION, loc);
                 }
                 resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
-                let tctx = template_ctx(&ctx, Some(req.headers()));
+                let pseudo = PseudoHeaders {
+                    method: view.method.as_str(),
+                    authority: &authority,
+                    path: &path,
+                    scheme: ctx.scheme,
+                };
+                let tctx = template_ctx(&ctx, Some(req.headers()), pseudo);
                 route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
                 return Decision::Reply(resp);
             }
@@ -247,13 +270,25 @@ fn route_request(mut req: Request<Body>) -> Decision {
     // the path rewrite.
     let request_headers = response_needs_request_headers(&routed).then(|| req.headers().clone());
     {
-        let tctx = template_ctx(&ctx, None);
+        let pseudo = PseudoHeaders { method: method.as_str(), authority: &authority, path: &path, scheme: ctx.scheme };
+        let tctx = template_ctx(&ctx, None, pseudo);
         route::apply_request_mutations(&rc, &vhost, route, routed.weighted_cluster(), req.headers_mut(), &tctx);
     }
-    if let Some(host) = route::rewrite_host(action, routed.weighted_cluster(), req.headers(), &path)
-        && let Ok(v) = HeaderValue::from_str(&host)
+    // Host rewrites: the weighted cluster's literal first, then the route's, which Envoy
+    // records in `x-envoy-original-host` (unless Envoy headers are suppressed).
+    if let Some(h) = routed.weighted_cluster().and_then(|w| w.host_rewrite_literal.as_deref()).filter(|h| !h.is_empty())
+        && let Ok(v) = HeaderValue::from_str(h)
     {
         req.headers_mut().insert(header::HOST, v);
+    }
+    if let Some(host) = route::rewrite_host(action, None, req.headers(), &path)
+        && let Ok(v) = HeaderValue::from_str(&host)
+    {
+        if let Some(before) = req.headers_mut().insert(header::HOST, v)
+            && !suppress_envoy_headers(&ctx)
+        {
+            req.headers_mut().insert("x-envoy-original-host", before);
+        }
     }
     if let Some(new_path) = route::rewrite_path(action, &route.matcher.path, route.matcher.case_sensitive, &path)
         && let Ok(uri) = Uri::try_from(new_path.as_str())
@@ -267,5 +302,8 @@ fn route_request(mut req: Request<Body>) -> Decision {
         req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from_static("1"));
     }
     req.extensions_mut().insert(routed.clone());
-    Decision::Forward(req, Box::new(PostProcess { routed, ctx, request_headers, cors_headers }))
+    Decision::Forward(
+        req,
+        Box::new(PostProcess { routed, ctx, request_headers, method, authority, path, cors_headers }),
+    )
 }

@@ -82,7 +82,9 @@ fn allowed(ctx: &RequestCtx, routed: &Routed, kind: &str) -> bool {
 }
 
 async fn upgrade(worker: Arc<Worker>, mut req: Request<Body>) -> Response<Body> {
-    let (Some(ctx), Some(routed)) = (req.extensions().get::<RequestCtx>().cloned(), req.extensions().get::<Routed>().cloned()) else {
+    let (Some(ctx), Some(routed)) =
+        (req.extensions().get::<RequestCtx>().cloned(), req.extensions().get::<Routed>().cloned())
+    else {
         return local_reply(LocalReason::NoRoute, false);
     };
     let kind = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
@@ -93,7 +95,9 @@ async fn upgrade(worker: Arc<Worker>, mut req: Request<Body>) -> Response<Body> 
         return local_reply(LocalReason::NoCluster, false);
     };
     let headers = req.headers().clone();
-    let Some(host) = cluster.choose(&LbContext { hash: None, original_dst: ctx.conn.original_dst, tried: &[], headers: &headers }) else {
+    let Some(host) =
+        cluster.choose(&LbContext { hash: None, original_dst: ctx.conn.original_dst, tried: &[], headers: &headers })
+    else {
         return local_reply(LocalReason::NoHealthyUpstream, false);
     };
     let Some(addr) = host.socket_addr() else {
