@@ -283,12 +283,10 @@ fn route_request(mut req: Request<Body>) -> Decision {
     }
     if let Some(host) = route::rewrite_host(action, None, req.headers(), &path)
         && let Ok(v) = HeaderValue::from_str(&host)
+        && let Some(before) = req.headers_mut().insert(header::HOST, v)
+        && !suppress_envoy_headers(&ctx)
     {
-        if let Some(before) = req.headers_mut().insert(header::HOST, v)
-            && !suppress_envoy_headers(&ctx)
-        {
-            req.headers_mut().insert("x-envoy-original-host", before);
-        }
+        req.headers_mut().insert("x-envoy-original-host", before);
     }
     if let Some(new_path) = route::rewrite_path(action, &route.matcher.path, route.matcher.case_sensitive, &path)
         && let Ok(uri) = Uri::try_from(new_path.as_str())
