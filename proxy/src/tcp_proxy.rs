@@ -1,17 +1,18 @@
 //! `envoy.filters.network.tcp_proxy`: L4 proxying to a cluster (or weighted clusters), as
-//! used for TLS passthrough selected by SNI, optionally tunnelled over HTTP CONNECT/POST.
+//! used for TLS passthrough selected by SNI, optionally tunnelled over HTTP CONNECT/POST, to
+//! network hosts or to internal listeners.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_config::model::{ClusterSpecifier, TcpProxy};
+use sluice_config::model::{ClusterSpecifier, TcpProxy, TunnelingConfig, UpstreamProtocol};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::http::ctx::ConnInfo;
 use crate::runtime::Worker;
-use crate::upstream::{LbContext, Outcome};
+use crate::upstream::{HostAddress, LbContext, Outcome};
 
 pub async fn proxy<I>(
     worker: Arc<Worker>,
@@ -37,7 +38,7 @@ pub async fn proxy<I>(
         return;
     };
     let mut tried = Vec::new();
-    let mut upstream = None;
+    let mut upstream: Option<(Box<dyn Io>, _)> = None;
     for _ in 0..tp.max_connect_attempts {
         let headers = http::HeaderMap::new();
         let Some(host) = cluster.choose(&LbContext {
@@ -48,24 +49,35 @@ pub async fn proxy<I>(
         }) else {
             break;
         };
-        let Some(addr) = host.socket_addr() else { break };
         let Some(guard) = cluster.breakers().try_connection() else {
             tracing::debug!(cluster = %cluster_name, "tcp_proxy: connection overflow");
             return;
         };
-        match connect(&worker, addr, cluster.config().connect_timeout).await {
+        match open(&worker, &conn, host.address(), cluster.config().connect_timeout).await {
             Ok(s) => {
                 host.record(Outcome::LocalOriginSuccess);
                 upstream = Some((s, guard));
                 break;
             }
             Err(e) => {
-                tracing::debug!(%addr, "tcp_proxy: connect failed: {e}");
+                tracing::debug!(host = ?host.address(), "tcp_proxy: connect failed: {e}");
                 host.record(Outcome::LocalOriginFailure);
                 tried.push(host);
             }
         }
     }
+    let Some((up, guard)) = upstream else { return };
+    let up = match &tp.tunneling {
+        Some(t) => match tunnel(up, t, &conn, cluster.config().protocol).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(cluster = %cluster_name, "tcp_proxy: tunnel refused: {e}");
+                return;
+            }
+        },
+        None => up,
+    };
+    let upstream = Some((up, guard));
     let Some((mut up, _guard)) = upstream else { return };
     let idle = tp.idle_timeout;
     let copy = async {
@@ -81,6 +93,86 @@ pub async fn proxy<I>(
         _ = async { let _ = drain.wait_for(|d| *d).await; std::future::pending::<()>().await } => {}
     }
     let _ = up.shutdown().await;
+}
+
+/// Any byte stream the TCP proxy can splice: a socket, an internal listener's in-memory
+/// stream, or an HTTP tunnel.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Opens a byte stream to an upstream host.
+async fn open(
+    worker: &Arc<Worker>,
+    conn: &ConnInfo,
+    addr: &HostAddress,
+    timeout: Duration,
+) -> std::io::Result<Box<dyn Io>> {
+    match addr {
+        HostAddress::Socket(a) => Ok(Box::new(connect(worker, *a, timeout).await?)),
+        HostAddress::Dns { name, port } => {
+            let a = tokio::net::lookup_host((name.as_str(), *port))
+                .await?
+                .next()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{name} has no address")))?;
+            Ok(Box::new(connect(worker, a, timeout).await?))
+        }
+        HostAddress::Internal(listener) => {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            if crate::listener::serve_internal(worker, listener, server, conn) {
+                Ok(Box::new(client))
+            } else {
+                Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no internal listener {listener}")))
+            }
+        }
+    }
+}
+
+/// `tunneling_config`: wraps the stream in an HTTP CONNECT (or POST) tunnel, over HTTP/2 when
+/// the cluster speaks it and HTTP/1.1 otherwise, as Envoy does.
+async fn tunnel(
+    io: Box<dyn Io>,
+    t: &TunnelingConfig,
+    conn: &ConnInfo,
+    protocol: UpstreamProtocol,
+) -> Result<Box<dyn Io>, String> {
+    use crate::route::{TemplateContext, template::render};
+    let local = conn.original_dst.unwrap_or(conn.local);
+    let ctx = TemplateContext::new(conn.remote, local);
+    let empty = http::HeaderMap::new();
+    let authority = render(&t.hostname, &ctx, &empty).into_owned();
+    let method = if t.use_post { http::Method::POST } else { http::Method::CONNECT };
+    let mut req = http::Request::builder().method(method.clone());
+    req = if t.use_post { req.uri(format!("http://{authority}/")) } else { req.uri(authority.as_str()) };
+    let mut req = req.body(http_body_util::Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
+    if let Ok(v) = http::HeaderValue::from_str(&authority) {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    crate::route::apply(
+        &sluice_config::model::HeaderMutations { add: t.headers_to_add.clone(), remove: vec![] },
+        req.headers_mut(),
+        &ctx,
+    );
+    let h2 = matches!(protocol, UpstreamProtocol::Http2);
+    let resp = if h2 {
+        let (mut sender, c) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(io),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        tokio::spawn(c);
+        sender.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut sender, c) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(c.with_upgrades());
+        sender.send_request(req).await.map_err(|e| e.to_string())?
+    };
+    if !resp.status().is_success() {
+        return Err(format!("the tunnel endpoint answered {}", resp.status()));
+    }
+    let upgraded = hyper::upgrade::on(resp).await.map_err(|e| e.to_string())?;
+    Ok(Box::new(hyper_util::rt::TokioIo::new(upgraded)))
 }
 
 pub async fn connect(worker: &Worker, addr: std::net::SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {

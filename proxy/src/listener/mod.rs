@@ -229,6 +229,38 @@ async fn handle(
     }
 }
 
+/// Serves a connection to an internal listener (`internal_listener: {}`), reached through an
+/// `envoy_internal_address` endpoint: an in-memory stream goes through the listener's filter
+/// chain as a plaintext connection would. Returns `false` if no such internal listener exists.
+pub fn serve_internal(worker: &Arc<Worker>, name: &str, io: tokio::io::DuplexStream, origin: &ConnInfo) -> bool {
+    let snapshot = worker.shared.hub.load();
+    let Some(listener) = snapshot.listener(name).filter(|l| l.internal).cloned() else { return false };
+    let input = chain::ChainInput { transport_protocol: "raw_buffer", ..Default::default() };
+    let Some(chain) = chain::select(&listener, &input) else { return false };
+    let conn = Arc::new(ConnInfo {
+        remote: origin.remote,
+        local: origin.local,
+        original_dst: origin.original_dst,
+        tls: None,
+        listener: Arc::from(name),
+        chain: Arc::from(chain.name.as_str()),
+    });
+    let filter = match &chain.filter {
+        NetworkFilter::HttpConnectionManager(h) => NetworkFilter::HttpConnectionManager(h.clone()),
+        NetworkFilter::TcpProxy(t) => NetworkFilter::TcpProxy(t.clone()),
+    };
+    let worker = worker.clone();
+    // Internal connections live as long as the connection that opened them; they never drain
+    // on their own.
+    let (_never, drain) = watch::channel(false);
+    let fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(async move {
+        let _keep = _never;
+        dispatch(worker, &listener, &filter, conn, io, drain).await;
+    });
+    tokio::spawn(fut);
+    true
+}
+
 async fn dispatch<I>(
     worker: Arc<Worker>,
     _listener: &Arc<Listener>,
