@@ -37,8 +37,12 @@ pub async fn serve<I>(
     ));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // h2 over TLS is chosen by ALPN; in cleartext by the preface (prior knowledge).
-    let alpn_h2 = conn.tls.as_ref().and_then(|t| t.alpn.as_deref()) == Some(b"h2".as_slice());
-    let codec = if alpn_h2 { CodecType::Http2 } else { hcm.codec_type };
+    // ALPN decides over TLS, as in Envoy: `h2` is HTTP/2, `http/1.1` is HTTP/1.
+    let codec = match conn.tls.as_ref().and_then(|t| t.alpn.as_deref()) {
+        Some(b"h2") => CodecType::Http2,
+        Some(b"http/1.1") => CodecType::Http1,
+        _ => hcm.codec_type,
+    };
     builder = match codec {
         CodecType::Http1 => builder.http1_only(),
         CodecType::Http2 => builder.http2_only(),
