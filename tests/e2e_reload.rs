@@ -52,7 +52,10 @@ spec:
 }
 
 fn backend(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v["backend"].as_str().map(String::from)).unwrap_or_default()
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["backend"].as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +131,11 @@ async fn edits_apply_within_a_second_without_failed_requests() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (st, _, body) = get(&client(false), &format!("http://{addr}/x"), &[]).await;
     assert_eq!((st.as_u16(), backend(&body)), (200, "b".to_string()));
-    assert!(sluice.config_dump()["last_reload"].as_str().unwrap_or("").contains("Refused"), "{}", sluice.config_dump()["last_reload"]);
+    assert!(
+        sluice.config_dump()["last_reload"].as_str().unwrap_or("").contains("Refused"),
+        "{}",
+        sluice.config_dump()["last_reload"]
+    );
 
     stop.store(true, Ordering::Relaxed);
     for t in tasks {

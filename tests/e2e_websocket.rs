@@ -64,7 +64,9 @@ async fn websocket_echo_through_sluice() {
         ("svc.yaml", &service_yaml("default", "ws", &[backend])),
     ]);
     let addr = sluice.listener("default/ws/ws");
-    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat")).await.expect("websocket handshake through sluice");
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/chat"))
+        .await
+        .expect("websocket handshake through sluice");
     assert_eq!(resp.status(), 101);
     for i in 0..50 {
         let text = format!("hello {i}");
