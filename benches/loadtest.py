@@ -31,7 +31,7 @@ BENCHES = Path(__file__).resolve().parent
 REPO = BENCHES.parent
 sys.path.insert(0, str(BENCHES))
 
-from harness import checks, procs, report, tooling  # noqa: E402
+from harness import cgroups, checks, procs, report, tooling  # noqa: E402
 from harness.loadgen import LoadResult, ParseError  # noqa: E402
 from harness.report import Round, Row  # noqa: E402
 from harness.tooling import ToolError, log  # noqa: E402
@@ -252,17 +252,22 @@ def start_backend(ctx: Context) -> None:
 # Rounds
 
 
-def proxy_argv(ctx: Context, proxy: str, workload: Workload, index: int) -> list[str]:
+def proxy_argv(
+    ctx: Context, proxy: str, workload: Workload, index: int, cg: cgroups.RoundCgroup | None = None
+) -> list[str]:
     config_dir = ctx.config_dirs[workload.config]
     extra = workload.proxy_args.get(proxy, [])
+    if cg is not None:
+        extra = cg.substitute(extra)
     if proxy == "sluice":
         assert ctx.sluice_bin is not None
         admin = f"127.0.0.1:{procs.free_port()}"
-        return [
+        argv = [
             str(ctx.sluice_bin), "run", "--config", str(config_dir),
             "--workers", "1", "--admin-address", admin,
             *extra, *ctx.args.sluice_arg,
         ]  # fmt: skip
+        return in_cgroup(workload, proxy, argv, cg, cg.proxy if cg else None)
     bootstrap = ctx.bootstraps[workload.config]
     if not isinstance(bootstrap, Path):
         raise Unavailable(bootstrap)
@@ -270,11 +275,24 @@ def proxy_argv(ctx: Context, proxy: str, workload: Workload, index: int) -> list
     bootstrap = with_free_admin_port(bootstrap, ctx.logs / f"{workload.name}-envoy-round{index}.json")
     # --disable-hot-restart: no shared-memory region, so Envoys started by others on this
     # machine (differential tests) cannot collide with this one; it does not touch the data path.
-    return [
+    argv = [
         ctx.envoy_bin, "-c", str(bootstrap), "--concurrency", "1",
         "--disable-hot-restart", "--log-level", "warning",
         *extra, *ctx.args.envoy_arg,
     ]  # fmt: skip
+    return in_cgroup(workload, proxy, argv, cg, cg.proxy if cg else None)
+
+
+def in_cgroup(
+    workload: Workload, proxy: str, argv: list[str], cg: cgroups.RoundCgroup | None, where: Path | None
+) -> list[str]:
+    """``argv`` placed in the round's cgroup ``where`` with the workload's environment for
+    ``proxy`` (unchanged when the workload uses no cgroups)."""
+    env = dict(workload.proxy_env.get(proxy, {}))
+    if cg is None or where is None:
+        return (["env", *(f"{k}={v}" for k, v in env.items())] if env else []) + argv
+    env = {k: cg.substitute([v])[0] for k, v in env.items()}
+    return cgroups.wrap(where, argv, env)
 
 
 def with_free_admin_port(bootstrap: Path, dest: Path) -> Path:
@@ -291,6 +309,8 @@ def with_free_admin_port(bootstrap: Path, dest: Path) -> Path:
 
 
 def run_round(ctx: Context, workload: Workload, proxy: str, index: int) -> Round:
+    if proxy not in workload.proxies:
+        raise Unavailable(f"the workload runs on {', '.join(workload.proxies)} only")
     if proxy == "direct":
         return measure(ctx, workload, f"{workload.scheme}://{BACKEND_ADDR}", None, index)
     if proxy in ctx.unavailable:
@@ -298,25 +318,43 @@ def run_round(ctx: Context, workload: Workload, proxy: str, index: int) -> Round
     listen = CONFIG_SETS[workload.config].listen
     if procs.accepts(listen):
         raise RoundFailed(f"{listen} is already in use by a process this harness did not start")
-    argv = ctx.pin(ctx.args.proxy_cpu) + proxy_argv(ctx, proxy, workload, index)
-    log_path = ctx.logs / f"{workload.name}-{proxy}-round{index}.log"
-    proc = ctx.processes.start(proxy, argv, log_path)
-    try:
+    cg = None
+    if workload.cgroups:
         try:
-            procs.wait_listening(proc, listen, timeout=60, log=log_path)
-        except procs.NotReady as e:
+            cg = cgroups.RoundCgroup(f"{workload.name}-{proxy}-{index}")
+        except cgroups.CgroupError as e:
             raise Unavailable(str(e)) from None
-        result = measure(ctx, workload, f"{workload.scheme}://{listen}", proc, index)
-        if proc.poll() is not None:
-            raise RoundFailed(f"{proxy} exited with code {proc.returncode} during the run")
-        return result
+    log_path = ctx.logs / f"{workload.name}-{proxy}-round{index}.log"
+    try:
+        argv = ctx.pin(ctx.args.proxy_cpu) + proxy_argv(ctx, proxy, workload, index, cg)
+        proc = ctx.processes.start(proxy, argv, log_path)
+        try:
+            try:
+                procs.wait_listening(proc, listen, timeout=60, log=log_path)
+            except procs.NotReady as e:
+                raise Unavailable(str(e)) from None
+            target = workload.target or listen
+            result = measure(ctx, workload, f"{workload.scheme}://{target}", proc, index, cg)
+            if proc.poll() is not None:
+                raise RoundFailed(f"{proxy} exited with code {proc.returncode} during the run")
+        finally:
+            ctx.processes.stop(proc)
     finally:
-        ctx.processes.stop(proc)
+        if cg is not None:
+            cg.remove()
+    if workload.check_log is not None:
+        problem = workload.check_log(log_path.read_text(encoding="utf-8", errors="replace"))
+        if problem:
+            raise RoundFailed(problem)
+    return result
 
 
-def run_load(ctx: Context, workload: Workload, url: str, duration: int) -> LoadResult:
+def run_load(
+    ctx: Context, workload: Workload, url: str, duration: int, cg: cgroups.RoundCgroup | None = None
+) -> LoadResult:
     cmd = workload.load(url, workload.request, duration, ctx.work)
-    proc = ctx.processes.start(cmd.argv[0], ctx.pin(ctx.args.load_cpu) + cmd.argv)
+    argv = cgroups.wrap(cg.app, cmd.argv) if cg is not None else cmd.argv
+    proc = ctx.processes.start(cmd.argv[0], ctx.pin(ctx.args.load_cpu) + argv)
     try:
         out, _ = proc.communicate(timeout=duration + 60)
     except subprocess.TimeoutExpired:
@@ -338,15 +376,21 @@ def run_load(ctx: Context, workload: Workload, url: str, duration: int) -> LoadR
 
 
 def measure(
-    ctx: Context, workload: Workload, url: str, proc: subprocess.Popen | None, index: int
+    ctx: Context,
+    workload: Workload,
+    url: str,
+    proc: subprocess.Popen | None,
+    index: int,
+    cg: cgroups.RoundCgroup | None = None,
 ) -> Round:
     try:
-        checks.check(url, workload.request, workload.protocol, ctx.work, BACKEND_NAME)
+        prefix = cgroups.wrap(cg.app, []) if cg is not None else []
+        checks.check(url, workload.request, workload.protocol, ctx.work, BACKEND_NAME, prefix=prefix)
     except checks.SanityError as e:
         raise RoundFailed(f"sanity check: {e}") from None
     if ctx.args.warmup:
         try:
-            run_load(ctx, workload, url, ctx.args.warmup)
+            run_load(ctx, workload, url, ctx.args.warmup, cg)
         except RoundFailed as e:
             raise RoundFailed(f"warm-up: {e}") from None
     time.sleep(0.5)  # let the warm-up's connections close before reading the idle footprint
@@ -355,7 +399,7 @@ def measure(
     cpu_before = procs.cpu_seconds(pid) if pid else 0.0
     assert ctx.backend is not None
     backend_before = procs.cpu_seconds(ctx.backend.pid)
-    result = run_load(ctx, workload, url, ctx.args.duration)
+    result = run_load(ctx, workload, url, ctx.args.duration, cg)
     backend_cpu = procs.cpu_seconds(ctx.backend.pid) - backend_before
     proxy_cpu = procs.cpu_seconds(pid) - cpu_before if pid else None
     peak = procs.memory(pid) if pid else None
@@ -414,7 +458,7 @@ def run_workload(ctx: Context, workload: Workload) -> dict[str, Row]:
 
 
 def workload_info(ctx: Context, w: Workload) -> dict:
-    url = f"{w.scheme}://{CONFIG_SETS[w.config].listen}"
+    url = f"{w.scheme}://{w.target or CONFIG_SETS[w.config].listen}"
     cmd = w.load(url, w.request, ctx.args.duration, Path("<workdir>"))
     return {
         "name": w.name,
@@ -422,6 +466,8 @@ def workload_info(ctx: Context, w: Workload) -> dict:
         "config": f"benches/configs/{'+'.join(CONFIG_SETS[w.config].files)}",
         "command": shlex.join(cmd.argv),
         "proxy_args": w.proxy_args,
+        **({"proxy_env": w.proxy_env} if w.proxy_env else {}),
+        **({"cgroups": "proxy and load generator in per-round cgroups"} if w.cgroups else {}),
     }
 
 

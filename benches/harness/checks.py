@@ -34,9 +34,12 @@ class CurlResponse:
     body: bytes
 
 
-def curl(url: str, shape: RequestShape, http2: bool, workdir: Path) -> CurlResponse:
+def curl(
+    url: str, shape: RequestShape, http2: bool, workdir: Path, prefix: list[str] | None = None
+) -> CurlResponse:
+    """``prefix`` goes before the curl command (e.g. a wrapper placing it in a cgroup)."""
     body_path = workdir / "sanity-body.out"
-    argv = ["curl", "-sS", "-v", "--max-time", "5", "-o", str(body_path)]
+    argv = [*(prefix or []), "curl", "-sS", "-v", "--max-time", "5", "-o", str(body_path)]
     argv.append("--http2-prior-knowledge" if http2 else "--http1.1")
     for name, value in shape.headers:
         argv += ["-H", f"{name}: {value}"]
@@ -72,13 +75,14 @@ def check(
     workdir: Path,
     backend: str,
     attempts: int = 20,
+    prefix: list[str] | None = None,
 ) -> CurlResponse:
     """Raises :class:`SanityError` unless ``url`` routes ``shape`` to ``backend``. Retries for a
     few seconds: a proxy may accept connections slightly before its routes are live."""
     error: SanityError | None = None
     for _ in range(attempts):
         try:
-            return _check_once(url, shape, protocol, workdir, backend)
+            return _check_once(url, shape, protocol, workdir, backend, prefix)
         except SanityError as e:
             error = e
             time.sleep(0.25)
@@ -87,10 +91,10 @@ def check(
 
 
 def _check_once(
-    url: str, shape: RequestShape, protocol: str, workdir: Path, backend: str
+    url: str, shape: RequestShape, protocol: str, workdir: Path, backend: str, prefix: list[str] | None
 ) -> CurlResponse:
     http2 = protocol in ("h2c", "grpc")
-    resp = curl(url, shape, http2, workdir)
+    resp = curl(url, shape, http2, workdir, prefix)
     want_version = "HTTP/2" if http2 else "HTTP/1.1"
     where = f"{url}{shape.path}"
     if resp.version != want_version:

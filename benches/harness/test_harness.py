@@ -15,10 +15,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gen_routes  # noqa: E402
-from harness import report  # noqa: E402
+from harness import cgroups, report  # noqa: E402
 from harness.loadgen import ParseError, parse_h2load, parse_wrk, percentile  # noqa: E402
 from harness.report import Round, Row  # noqa: E402
-from harness.workloads import GRPC_BODY, write_grpc_body  # noqa: E402
+from harness.workloads import (  # noqa: E402
+    GRPC_BODY,
+    fastpath_counters,
+    fastpath_spliced,
+    write_grpc_body,
+)
 
 WRK_OUT = """\
 Running 3s test @ http://127.0.0.1:10080/
@@ -173,6 +178,43 @@ class GrpcBodyTests(unittest.TestCase):
         self.assertEqual(int.from_bytes(frame[1:5], "big"), len(frame) - 5)
         # field 1, wire type 2, varint length 200 = 0xc8 0x01
         self.assertEqual(frame[5:8], b"\x0a\xc8\x01")
+
+
+SHUTDOWN_LINE = (
+    "2026-01-01T00:00:00.000000Z \x1b[32m INFO\x1b[0m \x1b[2msluice_proxy::fastpath\x1b[0m\x1b[2m:\x1b[0m"
+    " eBPF fast path counters at shutdown \x1b[3mstats\x1b[0m\x1b[2m=\x1b[0m"
+    '{"redirected_msgs":420,"redirected_bytes":99000,"passed_bytes":%d,"sockhash_inserts_client":50}'
+)
+
+
+class FastPathTests(unittest.TestCase):
+    def test_counters_from_a_coloured_log(self) -> None:
+        log = "starting\n" + SHUTDOWN_LINE % 0 + "\neBPF fast path detached\n"
+        self.assertEqual(fastpath_counters(log)["redirected_bytes"], 99000)
+        self.assertIsNone(fastpath_spliced(log))
+
+    def test_a_round_that_did_not_splice_does_not_count(self) -> None:
+        self.assertIn("no fast-path counters", fastpath_spliced("INFO eBPF fast path off\n"))
+        self.assertIn("through TCP", fastpath_spliced(SHUTDOWN_LINE % 5000))
+        nothing = SHUTDOWN_LINE.replace('"redirected_msgs":420', '"redirected_msgs":0') % 0
+        self.assertIn("carried nothing", fastpath_spliced(nothing))
+
+    def test_cgroup2_mount_on_unified_and_hybrid_hosts(self) -> None:
+        unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n"
+        hybrid = (
+            "31 23 0:27 / /sys/fs/cgroup/memory rw shared:5 - cgroup cgroup rw,memory\n"
+            "32 23 0:28 / /sys/fs/cgroup/unified rw shared:6 - cgroup2 cgroup2 rw\n"
+        )
+        self.assertEqual(cgroups.cgroup2_mount(unified), Path("/sys/fs/cgroup"))
+        self.assertEqual(cgroups.cgroup2_mount(hybrid), Path("/sys/fs/cgroup/unified"))
+        self.assertIsNone(cgroups.cgroup2_mount("31 23 0:27 / /proc rw - proc proc rw\n"))
+
+    def test_wrap_joins_the_cgroup_then_execs(self) -> None:
+        argv = cgroups.wrap(Path("/cg/app"), ["wrk", "-c50"], {"K": "v"})
+        self.assertEqual(argv[:2], ["sh", "-c"])
+        self.assertIn("cgroup.procs", argv[2])
+        self.assertIn("exec", argv[2])
+        self.assertEqual(argv[3:], ["/cg/app", "env", "K=v", "wrk", "-c50"])
 
 
 if __name__ == "__main__":

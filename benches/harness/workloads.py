@@ -20,6 +20,8 @@ in the config set's files).
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,6 +60,7 @@ CONFIG_SETS: dict[str, ConfigSet] = {
     c.name: c
     for c in (
         ConfigSet("http", files=("http.yaml", "backend.yaml"), listen="127.0.0.1:10080"),
+        ConfigSet("fastpath", files=("fastpath.yaml", "backend.yaml"), listen="127.0.0.1:10080"),
         ConfigSet(
             "routes-10k",
             files=("routes-10k.yaml", "backend.yaml"),
@@ -81,6 +84,50 @@ class Workload:
     scheme: str = "http"
     #: Extra command-line arguments per proxy ("sluice", "envoy"), e.g. a feature switch.
     proxy_args: dict[str, list[str]] = field(default_factory=dict)
+    #: Extra environment variables per proxy.
+    proxy_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: The rows this workload has; the others are reported as not available.
+    proxies: tuple[str, ...] = ("sluice", "envoy", "direct")
+    #: Where the load generator and the sanity check connect instead of the config set's
+    #: listener, e.g. a Service VIP that only the eBPF fast path routes to the listener.
+    target: str | None = None
+    #: Run the proxy and the load generator in the ``proxy/`` and ``app/`` children of a
+    #: per-round cgroup (see :mod:`cgroups`); ``{cgroup}`` and ``{app_cgroup}`` in
+    #: ``proxy_args`` and ``proxy_env`` become their paths.
+    cgroups: bool = False
+    #: Reads the proxy's log after the round; returns why the round must not count (it did not
+    #: measure what it claims to), or None.
+    check_log: Callable[[str], str | None] | None = None
+
+
+#: Service VIP of configs/fastpath.yaml, redirected by the fast path to 127.0.0.1:10080.
+FASTPATH_VIP = "127.96.80.10:80"
+
+
+def fastpath_counters(log: str) -> dict[str, int] | None:
+    """The fast-path counters Sluice logs when it stops (``eBPF fast path counters at
+    shutdown stats={...}``), or None if the log has no such line."""
+    for line in reversed(log.splitlines()):
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # the text log may carry ANSI colours
+        if "eBPF fast path counters at shutdown" in line and "stats=" in line:
+            try:
+                return json.loads(line.split("stats=", 1)[1].strip())
+            except ValueError:
+                return None
+    return None
+
+
+def fastpath_spliced(log: str) -> str | None:
+    """A fast-path round counts only if the bytes between load generator and Sluice really
+    went by sk_msg redirect."""
+    c = fastpath_counters(log)
+    if c is None:
+        return "Sluice logged no fast-path counters at shutdown (was the fast path on?)"
+    if not c.get("redirected_msgs") or not c.get("sockhash_inserts_client"):
+        return f"the fast path carried nothing: {c}"
+    if c.get("passed_bytes", 0) > c.get("redirected_bytes", 0) // 100:
+        return f"more than 1 % of the spliced bytes went through TCP: {c}"
+    return None
 
 
 #: The gRPC request body file (written into the run's work directory by ``write_grpc_body``).
@@ -138,5 +185,30 @@ WORKLOADS: list[Workload] = [
         load=wrk(connections=50),
         protocol="http1",
         request=RequestShape(path="/bench/target", headers=(("x-bench-route", "target"),)),
+    ),
+    Workload(
+        name="fastpath",
+        description="same node, eBPF fast path on: wrk (spliced cgroup) -> Service VIP -> Sluice,"
+        " HTTP/1.1 keep-alive, 50 connections",
+        config="fastpath",
+        load=wrk(connections=50),
+        protocol="http1",
+        proxies=("sluice", "direct"),
+        target=FASTPATH_VIP,
+        cgroups=True,
+        proxy_args={"sluice": ["--fast-path", "on", "--fast-path-cgroup", "{cgroup}"]},
+        proxy_env={"sluice": {"SLUICE_FAST_PATH_SPLICE_CGROUPS": "{app_cgroup}"}},
+        check_log=fastpath_spliced,
+    ),
+    Workload(
+        name="fastpath-off",
+        description="same node, fast path off: wrk -> Sluice's listener, HTTP/1.1 keep-alive,"
+        " 50 connections (the same cgroups and pinning as `fastpath`)",
+        config="fastpath",
+        load=wrk(connections=50),
+        protocol="http1",
+        proxies=("sluice", "direct"),
+        cgroups=True,
+        proxy_args={"sluice": ["--fast-path", "off"]},
     ),
 ]
