@@ -95,6 +95,13 @@ struct RunArgs {
     /// cgroup2 directory the fast path attaches to.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     fast_path_cgroup: PathBuf,
+    /// cgroup2 directories whose connections are spliced (sockmap); connect redirects apply
+    /// to every attached cgroup, splicing only to these opted-in workloads.
+    #[arg(long = "fast-path-splice-cgroup", env = "SLUICE_FAST_PATH_SPLICE_CGROUPS", value_delimiter = ':')]
+    fast_path_splice_cgroups: Vec<PathBuf>,
+    /// Node addresses (at most one per family) pods reach Sluice on.
+    #[arg(long = "fast-path-node-address", env = "SLUICE_FAST_PATH_NODE_ADDRESS", value_delimiter = ',')]
+    fast_path_node_addresses: Vec<std::net::IpAddr>,
     /// OTLP collector endpoint, e.g. http://collector:4317 (also
     /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT). Without one,
     /// only CECs whose tracing block names a collector cluster are traced.
@@ -186,9 +193,11 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             mode => Some(sluice_bpf::FastPathConfig {
                 mode: mode.parse().map_err(|e| anyhow::anyhow!("--fast-path: {e}"))?,
                 cgroup: args.fast_path_cgroup.clone(),
+                splice_cgroups: args.fast_path_splice_cgroups.clone(),
                 ..Default::default()
             }),
         },
+        fast_path_node_addresses: args.fast_path_node_addresses.clone(),
         tracing: sluice_proxy::telemetry::TracingConfig {
             // The flag, else the traces endpoint, else the generic one (which gets `/v1/traces`
             // appended for http/protobuf).

@@ -36,7 +36,8 @@ pub struct Service {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceSpec {
-    #[serde(default)]
+    // Kubernetes spells it `clusterIP`, which camelCase renaming would not produce.
+    #[serde(default, rename = "clusterIP")]
     pub cluster_ip: Option<String>,
     #[serde(default, rename = "clusterIPs")]
     pub cluster_ips: Vec<String>,
@@ -393,6 +394,16 @@ mod tests {
         let not_ready = [slice(false, false, "10.0.0.3")];
         let cla = load_assignments(&referenced, &services, &not_ready);
         assert!(cla["test/echo:http"].is_empty());
+    }
+
+    #[test]
+    fn cluster_ip_field_spelling() {
+        let s: Service = serde_json::from_value(json!({
+            "metadata": {"name": "a", "namespace": "n"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        assert_eq!(s.cluster_ips(), vec!["10.96.0.1".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]

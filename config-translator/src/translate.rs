@@ -36,6 +36,9 @@ pub struct Options {
     pub admin_address: Option<SocketAddr>,
     /// Whether allocated listeners also bind `[::1]` (Cilium does unless IPv4 is off).
     pub ipv6: bool,
+    /// Addresses of this node that clients in other network namespaces (pods redirected by
+    /// the fast path) reach Sluice on: allocated listeners bind them too, on the same port.
+    pub node_addresses: Vec<std::net::IpAddr>,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             last_good: BTreeMap::new(),
             admin_address: None,
             ipv6: true,
+            node_addresses: Vec::new(),
         }
     }
 }
@@ -756,6 +760,9 @@ fn assemble(
                 l.addresses.push(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p));
                 if opts.ipv6 {
                     l.addresses.push(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), p));
+                }
+                for ip in &opts.node_addresses {
+                    l.addresses.push(SocketAddr::new(*ip, p));
                 }
                 l.port_allocated = true;
             }

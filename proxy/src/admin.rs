@@ -242,8 +242,10 @@ fn handle(state: &AdminState, surface: Surface, req: Request<Incoming>) -> Respo
                 "snapshot": &*snap,
                 "listeners_bound": state.shared.listener_status.snapshot().into_iter().map(|(a, s)| (a.to_string(), s)).collect::<std::collections::BTreeMap<_, _>>(),
                 "certificates": state.shared.certs.status(),
+                "fast_path": state.shared.stats.fast_path_status(),
             }))
         }
+        (Surface::Admin, "/fast_path") => json_response(&json!(state.shared.stats.fast_path_status())),
         (Surface::Admin, "/listeners") => {
             let snap = state.shared.hub.load();
             let v: Vec<_> = snap

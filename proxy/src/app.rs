@@ -42,6 +42,9 @@ pub struct Config {
     pub hooks: Option<Arc<dyn DataPlaneHooks>>,
     /// The eBPF fast path (`--fast-path`); `None` is off.
     pub fast_path: Option<sluice_bpf::FastPathConfig>,
+    /// Node addresses pods reach Sluice on (`--fast-path-node-address`): VIPs served by
+    /// wildcard or allocated listeners are rewritten to them, and allocated listeners bind them.
+    pub fast_path_node_addresses: Vec<std::net::IpAddr>,
     /// OTLP tracing (`--otlp-endpoint`, `--otlp-protocol`, `--trace-sampling`, `OTEL_*`).
     pub tracing: crate::telemetry::TracingConfig,
 }
@@ -60,6 +63,7 @@ impl Default for Config {
             set_log_level: None,
             hooks: None,
             fast_path: None,
+            fast_path_node_addresses: Vec::new(),
             tracing: crate::telemetry::TracingConfig::default(),
         }
     }
@@ -78,7 +82,11 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
     let hub = SnapshotHub::new();
     let certs = Arc::new(CertStore::new());
     let fast_path = match config.fast_path.clone() {
-        Some(cfg) => crate::fastpath::start(cfg).context("the eBPF fast path could not start")?,
+        Some(cfg) => crate::fastpath::start_with(
+            cfg,
+            crate::fastpath::Options { node_addresses: config.fast_path_node_addresses.clone() },
+        )
+        .context("the eBPF fast path could not start")?,
         None => None,
     };
     let hooks: Arc<dyn DataPlaneHooks> = match (&config.hooks, &fast_path) {
@@ -105,6 +113,8 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
             port_range: config.port_range,
             node_labels: config.node_labels.clone(),
             admin_address: Some(config.admin_address),
+            // Only with the fast path: pods reach allocated listeners on the node address.
+            node_addresses: if fast_path.is_some() { config.fast_path_node_addresses.clone() } else { Vec::new() },
         },
         hub.clone(),
     );

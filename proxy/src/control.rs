@@ -56,6 +56,8 @@ pub struct ControlOptions {
     pub port_range: (u16, u16),
     pub node_labels: Option<BTreeMap<String, String>>,
     pub admin_address: Option<SocketAddr>,
+    /// Node addresses allocated listeners also bind (for pods redirected by the fast path).
+    pub node_addresses: Vec<std::net::IpAddr>,
 }
 
 /// What one reload did, for logs, metrics and tests.
@@ -116,6 +118,7 @@ impl ControlPlane {
             last_good: self.last_good.clone(),
             admin_address: self.opts.admin_address,
             ipv6: true,
+            node_addresses: self.opts.node_addresses.clone(),
         };
         let t = translate(docs, &opts);
         let snapshot = t.snapshot;

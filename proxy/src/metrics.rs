@@ -429,6 +429,7 @@ pub struct Stats {
     telemetry: Option<Arc<Telemetry>>,
     access_logs: Writers,
     fast_path: Option<Arc<FastPathHooks>>,
+    fast_path_status_cache: std::sync::Mutex<Option<(std::time::Instant, sluice_bpf::Status)>>,
 }
 
 impl Stats {
@@ -494,6 +495,7 @@ impl Stats {
             telemetry,
             access_logs: Writers::new(al_dropped, al_errors),
             fast_path: opts.fast_path,
+            fast_path_status_cache: std::sync::Mutex::new(None),
         })
     }
 
@@ -732,8 +734,29 @@ impl Stats {
         out
     }
 
+    /// The fast path's state for the admin API (walks the BPF maps).
+    pub fn fast_path_status(&self) -> Option<sluice_bpf::Status> {
+        self.fast_path.as_ref().map(|f| f.fast_path().status())
+    }
+
     fn fast_path_families(&self) -> Vec<MetricFamily> {
-        let status = self.fast_path.as_ref().map(|f| f.fast_path().status());
+        // Counting map entries walks the maps (a syscall per entry); a scrape reuses a count up
+        // to 10 s old, the counters themselves are always current.
+        let status = self.fast_path.as_ref().map(|f| {
+            let mut cache = self.fast_path_status_cache.lock().unwrap_or_else(|e| e.into_inner());
+            match &*cache {
+                Some((at, s)) if at.elapsed() < std::time::Duration::from_secs(10) => {
+                    let mut s = s.clone();
+                    s.stats = f.fast_path().stats();
+                    s
+                }
+                _ => {
+                    let s = f.fast_path().status();
+                    *cache = Some((std::time::Instant::now(), s.clone()));
+                    s
+                }
+            }
+        });
         let stats = status.as_ref().map(|s| s.stats).unwrap_or_default();
         let paused = status.as_ref().map(|s| s.paused_connections).unwrap_or(0) as f64;
         let entries = status.as_ref().map(|s| s.sockhash_entries).unwrap_or(0) as f64;

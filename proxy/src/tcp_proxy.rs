@@ -84,7 +84,9 @@ pub async fn proxy<I>(
         match idle {
             // The idle timeout resets on activity in either direction.
             Some(t) => copy_with_idle(&mut io, &mut up, t).await,
-            None => tokio::io::copy_bidirectional(&mut io, &mut up).await.map(|_| ()),
+            // Large buffers: fewer, bigger writes (they cost less, and much less through the
+            // sockmap fast path, than many small ones).
+            None => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut up, 64 * 1024, 64 * 1024).await.map(|_| ()),
         }
     };
     tokio::select! {
@@ -196,8 +198,8 @@ where
     use tokio::io::AsyncReadExt;
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let mut abuf = vec![0u8; 16 * 1024];
-    let mut bbuf = vec![0u8; 16 * 1024];
+    let mut abuf = vec![0u8; 64 * 1024];
+    let mut bbuf = vec![0u8; 64 * 1024];
     let (mut a_open, mut b_open) = (true, true);
     while a_open || b_open {
         tokio::select! {

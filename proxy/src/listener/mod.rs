@@ -168,6 +168,9 @@ async fn handle(
         }
     }
     let original_dst = worker.shared.hooks.original_destination(remote, local);
+    // A redirected connection may be spliced by the fast path: read it until EAGAIN, because
+    // the kernel can return a short read while bytes still wait on the TCP queue.
+    let mut stream = crate::fastpath::FastPathStream::new(stream, original_dst.is_some());
 
     let mut hello = tls_peek::ClientHello::default();
     if chain::needs_tls_inspection(&listener) {
