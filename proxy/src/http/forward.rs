@@ -156,7 +156,7 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
             // Whole elapsed milliseconds, as Envoy counts them: the first attempt announces the
             // full route timeout.
             let left = global_timeout.map(|g| {
-                let elapsed_ms = forward_start.elapsed().as_millis() as u64;
+                let elapsed_ms = if attempt_no == 1 { 0 } else { forward_start.elapsed().as_millis() as u64 };
                 Duration::from_millis((g.as_millis() as u64).saturating_sub(elapsed_ms))
             });
             let expected = match (per_try, left) {
