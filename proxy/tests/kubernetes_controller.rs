@@ -161,8 +161,14 @@ async fn relists_after_disconnects_and_410_never_hand_on_a_partial_set() {
     for (res, before) in watched.iter().zip(lists) {
         wait_for(&format!("a relist of {}", res.plural), || (h.api.list_count(res) > before).then_some(())).await;
     }
-    let u =
-        h.wait_update(n, "the relisted state", |u| endpoints(&u.snapshot, "shop/api-v2") == ["10.0.1.1:8080"]).await;
+    // The three changes arrive on three watches, possibly in separate updates: wait for the
+    // one that has them all, then check it is exactly the full set.
+    let u = h
+        .wait_update(n, "the relisted state", |u| {
+            endpoints(&u.snapshot, "shop/api-v2") == ["10.0.1.1:8080"]
+                && u.names().iter().any(|n| n == "Service shop/api-v2")
+        })
+        .await;
     assert_eq!(
         u.names(),
         [
