@@ -496,6 +496,68 @@ pub struct VirtualHost {
     pub cors: Option<Arc<CorsPolicy>>,
     pub include_request_attempt_count: bool,
     pub include_attempt_count_in_response: bool,
+    /// The routes' `safe_regex` path matchers as one set.
+    #[serde(skip)]
+    pub path_regexes: PathRegexIndex,
+}
+
+/// A virtual host's `safe_regex` path matchers compiled into one [`regex::RegexSet`], so a
+/// request is tested against all of them in one pass over its path instead of one automaton
+/// per route. Envoy runs them one by one; with thousands of regex routes that pass dominated
+/// the cost of routing. Built only for virtual hosts with many regex routes, and compiled on
+/// first use.
+#[derive(Default)]
+pub struct PathRegexIndex {
+    /// Route index -> slot in the set.
+    slots: Vec<Option<u32>>,
+    patterns: Vec<String>,
+    set: std::sync::OnceLock<Option<regex::RegexSet>>,
+}
+
+impl fmt::Debug for PathRegexIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PathRegexIndex({} patterns)", self.patterns.len())
+    }
+}
+
+impl PathRegexIndex {
+    /// Below this many regex routes the per-route regexes are as fast and the set is not built.
+    pub const MIN_PATTERNS: usize = 8;
+
+    pub fn build(routes: &[Route]) -> PathRegexIndex {
+        let mut idx = PathRegexIndex::default();
+        let count = routes.iter().filter(|r| matches!(r.matcher.path, PathMatch::SafeRegex(_))).count();
+        if count < Self::MIN_PATTERNS {
+            return idx;
+        }
+        for r in routes {
+            match &r.matcher.path {
+                PathMatch::SafeRegex(p) => {
+                    idx.slots.push(Some(idx.patterns.len() as u32));
+                    idx.patterns.push(format!("^(?:{})$", p.source));
+                }
+                _ => idx.slots.push(None),
+            }
+        }
+        idx
+    }
+
+    /// The slot of route `i`, when the index covers it.
+    pub fn slot(&self, i: usize) -> Option<usize> {
+        self.slots.get(i).copied().flatten().map(|s| s as usize)
+    }
+
+    /// Which of the indexed regexes match `path`; `None` when there is no index (or it could
+    /// not be compiled within the size limit: callers then fall back to the route's own regex).
+    pub fn matches(&self, path: &str) -> Option<regex::SetMatches> {
+        if self.patterns.is_empty() {
+            return None;
+        }
+        let set = self
+            .set
+            .get_or_init(|| regex::RegexSetBuilder::new(&self.patterns).size_limit(64 * REGEX_SIZE_LIMIT).build().ok());
+        set.as_ref().map(|s| s.matches(path))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -633,26 +695,47 @@ impl StringMatcher {
     }
 }
 
-/// A compiled RE2-compatible regex, anchored for full matches where Envoy requires them.
+/// An RE2-compatible regex, validated at translation and compiled on first use.
+///
+/// Compilation is deferred because a route table can hold thousands of regexes, most of which
+/// a path index answers for (see [`PathRegexIndex`]): compiling each into its own automaton up
+/// front cost about 20 KiB per regex and dominated the memory of large configurations.
 #[derive(Clone)]
 pub struct Pattern {
     pub source: String,
-    /// `^(?:source)$` for full-match uses.
-    pub full: regex::Regex,
-    /// The unanchored regex, for rewrites that substitute every match.
-    pub find: regex::Regex,
+    full: std::sync::OnceLock<Option<regex::Regex>>,
+    find: std::sync::OnceLock<Option<regex::Regex>>,
 }
 
+/// A 1 MiB compiled-size cap keeps a hostile CEC from exhausting memory; Envoy has a similar
+/// "max program size" guard.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
 impl Pattern {
-    pub fn new(source: &str) -> Result<Pattern, regex::Error> {
-        // A 1 MiB compiled-size cap keeps a hostile CEC from exhausting memory; Envoy has a
-        // similar "max program size" guard.
-        let build = |s: &str| regex::RegexBuilder::new(s).size_limit(1 << 20).build();
-        Ok(Pattern { source: source.to_string(), full: build(&format!("^(?:{source})$"))?, find: build(source)? })
+    /// Validates the syntax (RE2 subset: no backreferences or look-around).
+    pub fn new(source: &str) -> Result<Pattern, String> {
+        regex_syntax::ParserBuilder::new().nest_limit(100).build().parse(source).map_err(|e| e.to_string())?;
+        Ok(Pattern { source: source.to_string(), full: std::sync::OnceLock::new(), find: std::sync::OnceLock::new() })
+    }
+
+    /// `None` only when the regex exceeds the compiled-size limit (the syntax was checked at
+    /// translation); such a regex matches nothing.
+    fn compile(src: &str) -> Option<regex::Regex> {
+        regex::RegexBuilder::new(src).size_limit(REGEX_SIZE_LIMIT).build().ok()
+    }
+
+    /// `^(?:source)$`, for full-match uses.
+    pub fn full(&self) -> Option<&regex::Regex> {
+        self.full.get_or_init(|| Pattern::compile(&format!("^(?:{})$", self.source))).as_ref()
+    }
+
+    /// The unanchored regex, for rewrites that substitute every match.
+    pub fn find(&self) -> Option<&regex::Regex> {
+        self.find.get_or_init(|| Pattern::compile(&self.source)).as_ref()
     }
 
     pub fn full_match(&self, s: &str) -> bool {
-        self.full.is_match(s)
+        self.full().is_some_and(|r| r.is_match(s))
     }
 }
 

@@ -136,9 +136,11 @@ fn virtual_host(cx: &mut Cx, m: Msg) -> Option<VirtualHost> {
     m.skip("metadata");
     m.skip("per_request_buffer_limit_bytes");
     m.finish(cx.sink);
+    let path_regexes = PathRegexIndex::build(&routes);
     Some(VirtualHost {
         name,
         domains,
+        path_regexes,
         routes,
         request_headers,
         response_headers,

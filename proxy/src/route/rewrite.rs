@@ -62,7 +62,7 @@ pub(crate) fn replace_matched_prefix(rewrite: &str, m: &PathMatch, case_sensitiv
 /// `None` when nothing matched.
 pub(crate) fn regex_rewrite(rr: &RegexRewrite, path: &str) -> Option<String> {
     let just_path = path_only(path);
-    match rr.pattern.find.replace_all(just_path, rr.substitution.as_str()) {
+    match rr.pattern.find()?.replace_all(just_path, rr.substitution.as_str()) {
         Cow::Borrowed(_) => None,
         Cow::Owned(mut s) => {
             s.push_str(&path[just_path.len()..]);
@@ -91,7 +91,7 @@ pub fn rewrite_host<'a>(
         }
         Some(HostRewrite::PathRegex(rr)) => {
             let just_path = path_only(path);
-            Some(Cow::Owned(rr.pattern.find.replace_all(just_path, rr.substitution.as_str()).into_owned()))
+            rr.pattern.find().map(|re| Cow::Owned(re.replace_all(just_path, rr.substitution.as_str()).into_owned()))
         }
         Some(HostRewrite::Auto) | None => None,
     };

@@ -73,7 +73,26 @@ fn port_start(host: &str) -> Option<usize> {
 pub fn select_route<'a>(vhost: &'a VirtualHost, req: &RequestView<'_>) -> Option<&'a Route> {
     // Computed once for all routes: the path matchers never look at the query.
     let path_only = req.path_only();
-    vhost.routes.iter().find(|r| matches_with(r, req, path_only))
+    // Regex path matchers are answered by one pass of the virtual host's regex set, computed
+    // when the scan reaches the first regex route (and not at all if an earlier route wins).
+    let mut regex_hits: Option<Option<regex::SetMatches>> = None;
+    for (i, r) in vhost.routes.iter().enumerate() {
+        if let Some(slot) = vhost.path_regexes.slot(i)
+            && !req.path.is_empty()
+        {
+            let hits = regex_hits.get_or_insert_with(|| vhost.path_regexes.matches(path_only));
+            if let Some(hits) = hits {
+                if hits.matched(slot) && matches_except_path(r, req) {
+                    return Some(r);
+                }
+                continue;
+            }
+        }
+        if matches_with(r, req, path_only) {
+            return Some(r);
+        }
+    }
+    None
 }
 
 /// Whether one route matches the request (all of its conditions).
@@ -89,8 +108,13 @@ fn matches_with(route: &Route, req: &RequestView<'_>, path_only: &str) -> bool {
     }
     // Cheapest and most selective first; Envoy evaluates the same conditions, and none has a
     // side effect, so the order does not change the result.
-    path_matches(&m.path, m.case_sensitive, req, path_only)
-        && m.runtime_fraction.is_none_or(|f| f.hit(per_million(req.random)))
+    path_matches(&m.path, m.case_sensitive, req, path_only) && matches_except_path(route, req)
+}
+
+/// Every condition of a route but its path specifier.
+fn matches_except_path(route: &Route, req: &RequestView<'_>) -> bool {
+    let m = &route.matcher;
+    m.runtime_fraction.is_none_or(|f| f.hit(per_million(req.random)))
         && (!m.grpc || is_grpc(req.headers))
         && m.headers.iter().all(|h| header_matches(h, req))
         && query_matches(&m.query_parameters, req.path)
@@ -115,6 +139,51 @@ mod tests {
 
     use super::*;
     use crate::route::testutil::{route_config, view};
+
+    /// The regex-set index must pick exactly the route a plain first-match scan picks.
+    #[test]
+    fn regex_index_agrees_with_a_plain_scan() {
+        let mut routes = Vec::new();
+        for i in 0..40 {
+            let m = match i % 4 {
+                0 => json!({"safe_regex": {"regex": format!("/r{i}/[a-z]+")}}),
+                1 => json!({"prefix": format!("/p{}", i % 7)}),
+                2 => {
+                    json!({"safe_regex": {"regex": format!("/(r{}|x)/.*", i % 5)}, "headers": [{"name": "x-h", "string_match": {"exact": "1"}}]})
+                }
+                _ => json!({"path": format!("/e{i}")}),
+            };
+            routes.push(json!({"name": format!("r{i}"), "match": m, "direct_response": {"status": 200}}));
+        }
+        routes.push(json!({"name": "last", "match": {"prefix": "/"}, "direct_response": {"status": 200}}));
+        let rc =
+            route_config(json!({"name": "rc", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]}));
+        let vh = &rc.virtual_hosts[0];
+        assert!(vh.path_regexes.slot(0).is_some(), "the index is built for 20 regex routes");
+        let mut with = HeaderMap::new();
+        with.insert("x-h", "1".parse().unwrap());
+        let without = HeaderMap::new();
+        for path in [
+            "/r0/abc",
+            "/r0/ABC",
+            "/r4/x",
+            "/x/anything",
+            "/r3/q?z=1",
+            "/p3",
+            "/p3/deeper",
+            "/e7",
+            "/e8",
+            "/nothing",
+            "/r12/abc",
+        ] {
+            for headers in [&with, &without] {
+                let v = view(Method::GET, path, "h", headers);
+                let indexed = select_route(vh, &v).map(|r| r.name.as_str());
+                let plain = vh.routes.iter().find(|r| route_matches(r, &v)).map(|r| r.name.as_str());
+                assert_eq!(indexed, plain, "{path} with {} headers", headers.len());
+            }
+        }
+    }
 
     fn vhost_name<'a>(rc: &'a RouteConfig, authority: &str) -> Option<&'a str> {
         select_vhost(rc, authority).map(|v| v.name.as_str())
