@@ -751,6 +751,7 @@ impl Exchange {
         } else if body_counted {
             let inner = std::mem::replace(req.body_mut(), crate::body::empty());
             let frames = self.grpc_path.as_ref().map(|_| GrpcFrames::default());
+            self.rec.request_body_open();
             *req.body_mut() = crate::body::boxed(RequestBody { inner, rec: self.rec.clone(), frames });
         }
         if let Some(c) = ctx {
@@ -772,7 +773,9 @@ impl Exchange {
         }
         // No body to wait for (HEAD: hyper never polls it, it only drops it).
         if http_body::Body::is_end_stream(resp.body()) || self.method == http::Method::HEAD {
-            self.report(true, false);
+            let rec = self.rec.clone();
+            let mut ex = self;
+            rec.report_when_request_ends(move || ex.report(true, false));
             return resp;
         }
         resp.map(|b| crate::body::boxed(ResponseBody { inner: b, exchange: Some(Box::new(self)) }))
@@ -964,12 +967,32 @@ struct RequestBody {
 
 impl RequestBody {
     fn complete(&mut self) {
-        if let Some(f) = self.frames.take() {
-            self.rec.add_request_messages(f.count);
-        }
         self.rec.request_complete();
+        self.rec.request_body_closed();
     }
 }
+
+impl Drop for RequestBody {
+    /// The upstream may stop reading the request early (its server answered and reset the
+    /// stream). What the client already sent has arrived all the same, as Envoy counts it:
+    /// account for the frames that are already here, without waiting for more.
+    fn drop(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..DRAIN_ON_DROP_FRAMES {
+            if self.rec.request_end().is_some() {
+                break;
+            }
+            match http_body::Body::poll_frame(Pin::new(&mut *self), &mut cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        self.rec.request_body_closed();
+    }
+}
+
+/// How many already-received request frames a dropped request body still accounts for.
+const DRAIN_ON_DROP_FRAMES: usize = 16;
 
 impl http_body::Body for RequestBody {
     type Data = bytes::Bytes;
@@ -984,8 +1007,16 @@ impl http_body::Body for RequestBody {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     self.rec.add_bytes_received(d.len() as u64);
+                    // Counted as each message starts, not when the body ends: the response
+                    // can finish (and the exchange be reported) before the upstream
+                    // writer polls the request body to its end.
                     if let Some(fr) = self.frames.as_mut() {
+                        let before = fr.count;
                         fr.feed(d);
+                        let started = fr.count - before;
+                        if started > 0 {
+                            self.rec.add_request_messages(started);
+                        }
                     }
                 }
                 if self.inner.is_end_stream() {
@@ -1017,7 +1048,8 @@ struct ResponseBody {
 impl ResponseBody {
     fn finish(&mut self, completed: bool, errored: bool) {
         if let Some(mut ex) = self.exchange.take() {
-            ex.report(completed, errored);
+            let rec = ex.rec.clone();
+            rec.report_when_request_ends(move || ex.report(completed, errored));
         }
     }
 }

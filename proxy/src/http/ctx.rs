@@ -94,8 +94,18 @@ pub struct RequestObs {
     bytes_received: AtomicU64,
     request_messages: AtomicU64,
     request_end: OnceLock<Instant>,
+    /// The report of an exchange whose response ended while its request body was still
+    /// streaming; see [`RequestObs::report_when_request_ends`].
+    report: Mutex<PendingReport>,
     /// The sampled request's trace; `None` when it is not traced.
     pub trace: Option<crate::telemetry::TraceCtx>,
+}
+
+/// Whether the request body is still streaming, and the report waiting for it to end.
+#[derive(Default)]
+struct PendingReport {
+    body_open: bool,
+    waiting: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// The upstream side of a request, as the last attempt left it.
@@ -160,5 +170,42 @@ impl RequestObs {
 
     pub fn request_end(&self) -> Option<Instant> {
         self.request_end.get().copied()
+    }
+
+    /// The request body is streaming: reports wait for it (see below).
+    pub fn request_body_open(&self) {
+        if let Ok(mut p) = self.report.lock() {
+            p.body_open = true;
+        }
+    }
+
+    /// The request body ended or was dropped: a report that waited for it runs now.
+    pub fn request_body_closed(&self) {
+        let waiting = match self.report.lock() {
+            Ok(mut p) => {
+                p.body_open = false;
+                p.waiting.take()
+            }
+            Err(_) => None,
+        };
+        if let Some(report) = waiting {
+            report();
+        }
+    }
+
+    /// Runs `report` now, or, while the request body is still streaming, when it ends.
+    ///
+    /// Envoy reports a stream (statistics, access log) when both directions are done. A
+    /// server may answer before it has read the request, and the upstream writer may not
+    /// have pulled the request body to its end when the response ends; reporting then would
+    /// undercount what the request carried (bytes, gRPC messages).
+    pub fn report_when_request_ends(&self, report: impl FnOnce() + Send + 'static) {
+        if let Ok(mut p) = self.report.lock()
+            && p.body_open
+        {
+            p.waiting = Some(Box::new(report));
+            return;
+        }
+        report();
     }
 }
