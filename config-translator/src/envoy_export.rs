@@ -115,9 +115,10 @@ pub fn envoy_export(docs: &[Document], t: &Translation, opts: &ExportOptions) ->
 
     // Routes, endpoint assignments and secrets first: listeners inline routes, clusters fold
     // in endpoints, and both need to know which secrets exist.
-    for (source, doc) in &t.accepted {
+    for (source, stored) in &t.accepted {
         let scope = scope_of(source);
         let at = At::new(source, "spec.resources");
+        let doc = stored.document().map_err(|e| at.malformed(format!("the accepted document does not parse: {e}")))?;
         let raw = match doc.value.pointer("/spec/resources") {
             Some(Value::Array(items)) => items.as_slice(),
             None | Some(Value::Null) => &[],
@@ -171,7 +172,7 @@ pub fn envoy_export(docs: &[Document], t: &Translation, opts: &ExportOptions) ->
         }
         // Cilium adds its upstream L7 filter, and with it default upstream protocol options,
         // to every cluster of a CEC that injects its filters into at least one listener.
-        let inject_upstream = injects_cilium_filters(doc) && has_proxied_listener;
+        let inject_upstream = injects_cilium_filters(&doc) && has_proxied_listener;
         clusters.extend(own_clusters.into_iter().map(|(at, body)| (scope.clone(), at, body, inject_upstream)));
     }
 

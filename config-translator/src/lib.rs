@@ -15,9 +15,10 @@ pub mod json;
 pub mod k8s;
 pub mod model;
 pub mod qualify;
+pub mod route_index;
 pub mod translate;
 
 pub use diag::{Diagnostic, Severity};
-pub use document::{DocKind, Document, parse_documents};
+pub use document::{DocKind, Document, StoredDocument, parse_documents};
 pub use model::Snapshot;
 pub use translate::{Options, Translation, translate};

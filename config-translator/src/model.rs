@@ -496,69 +496,12 @@ pub struct VirtualHost {
     pub cors: Option<Arc<CorsPolicy>>,
     pub include_request_attempt_count: bool,
     pub include_attempt_count_in_response: bool,
-    /// The routes' `safe_regex` path matchers as one set.
+    /// Candidate lookup for large route tables.
     #[serde(skip)]
-    pub path_regexes: PathRegexIndex,
+    pub index: RouteIndex,
 }
 
-/// A virtual host's `safe_regex` path matchers compiled into one [`regex::RegexSet`], so a
-/// request is tested against all of them in one pass over its path instead of one automaton
-/// per route. Envoy runs them one by one; with thousands of regex routes that pass dominated
-/// the cost of routing. Built only for virtual hosts with many regex routes, and compiled on
-/// first use.
-#[derive(Default)]
-pub struct PathRegexIndex {
-    /// Route index -> slot in the set.
-    slots: Vec<Option<u32>>,
-    patterns: Vec<String>,
-    set: std::sync::OnceLock<Option<regex::RegexSet>>,
-}
-
-impl fmt::Debug for PathRegexIndex {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PathRegexIndex({} patterns)", self.patterns.len())
-    }
-}
-
-impl PathRegexIndex {
-    /// Below this many regex routes the per-route regexes are as fast and the set is not built.
-    pub const MIN_PATTERNS: usize = 8;
-
-    pub fn build(routes: &[Route]) -> PathRegexIndex {
-        let mut idx = PathRegexIndex::default();
-        let count = routes.iter().filter(|r| matches!(r.matcher.path, PathMatch::SafeRegex(_))).count();
-        if count < Self::MIN_PATTERNS {
-            return idx;
-        }
-        for r in routes {
-            match &r.matcher.path {
-                PathMatch::SafeRegex(p) => {
-                    idx.slots.push(Some(idx.patterns.len() as u32));
-                    idx.patterns.push(format!("^(?:{})$", p.source));
-                }
-                _ => idx.slots.push(None),
-            }
-        }
-        idx
-    }
-
-    /// The slot of route `i`, when the index covers it.
-    pub fn slot(&self, i: usize) -> Option<usize> {
-        self.slots.get(i).copied().flatten().map(|s| s as usize)
-    }
-
-    /// Which of the indexed regexes match `path`; `None` when there is no index (or it could
-    /// not be compiled within the size limit: callers then fall back to the route's own regex).
-    pub fn matches(&self, path: &str) -> Option<regex::SetMatches> {
-        if self.patterns.is_empty() {
-            return None;
-        }
-        let set = self
-            .set
-            .get_or_init(|| regex::RegexSetBuilder::new(&self.patterns).size_limit(64 * REGEX_SIZE_LIMIT).build().ok());
-        set.as_ref().map(|s| s.matches(path))
-    }
-}
+pub use crate::route_index::RouteIndex;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -602,8 +545,8 @@ pub struct RouteMatch {
 pub enum PathMatch {
     Prefix(String),
     Path(String),
-    /// Matches the whole path (without the query).
-    SafeRegex(Pattern),
+    /// Matches the whole path (without the query). Boxed to keep every route small.
+    SafeRegex(Box<Pattern>),
     /// `/foo` matches `/foo`, `/foo/...`, `/foo?...`, not `/foobar`.
     PathSeparatedPrefix(String),
     /// `connect_matcher`: CONNECT requests only.
@@ -698,8 +641,9 @@ impl StringMatcher {
 /// An RE2-compatible regex, validated at translation and compiled on first use.
 ///
 /// Compilation is deferred because a route table can hold thousands of regexes, most of which
-/// a path index answers for (see [`PathRegexIndex`]): compiling each into its own automaton up
-/// front cost about 20 KiB per regex and dominated the memory of large configurations.
+/// the route index never proposes for a given path (see [`RouteIndex`]): compiling each into
+/// its own automaton up front cost about 20 KiB per regex and dominated the memory of large
+/// configurations.
 #[derive(Clone)]
 pub struct Pattern {
     pub source: String,
@@ -770,8 +714,9 @@ impl Fraction {
 #[serde(rename_all = "snake_case")]
 pub enum RouteAction {
     Forward(Box<ForwardAction>),
-    Redirect(Redirect),
-    DirectResponse(DirectResponse),
+    // Boxed: a large table is mostly these, and the enum is as large as its largest variant.
+    Redirect(Box<Redirect>),
+    DirectResponse(Box<DirectResponse>),
 }
 
 #[derive(Debug, Serialize)]

@@ -13,7 +13,7 @@ use crate::decode::route::route_configuration;
 use crate::decode::tls::secret;
 use crate::decode::{Cx, Refs};
 use crate::diag::{Diagnostic, Sink};
-use crate::document::{DocKind, Document};
+use crate::document::{DocKind, Document, StoredDocument};
 use crate::json::{Msg, Path, any};
 use crate::k8s::{self, EndpointSlice, K8sSecret, Service};
 use crate::model::*;
@@ -30,7 +30,7 @@ pub struct Options {
     pub node_labels: Option<BTreeMap<String, String>>,
     /// The last accepted version of each CEC, by source name. A CEC whose new version is
     /// rejected keeps serving its last good version.
-    pub last_good: BTreeMap<String, Document>,
+    pub last_good: BTreeMap<String, StoredDocument>,
     /// Where Sluice's admin server listens; backs the `/envoy-admin` cluster Cilium's
     /// admin/metrics listener examples route to.
     pub admin_address: Option<SocketAddr>,
@@ -60,7 +60,7 @@ impl Default for Options {
 #[derive(Debug)]
 pub struct Translation {
     pub snapshot: Snapshot,
-    pub accepted: BTreeMap<String, Document>,
+    pub accepted: BTreeMap<String, StoredDocument>,
 }
 
 /// Everything one CEC contributed.
@@ -68,7 +68,7 @@ struct Cec {
     name: String,
     kind: SourceKind,
     origin: String,
-    doc: Document,
+    doc: StoredDocument,
     listeners: Vec<ListenerDraft>,
     route_configs: Vec<RouteConfig>,
     clusters: Vec<Cluster>,
@@ -96,29 +96,29 @@ pub fn translate(docs: &[Document], opts: &Options) -> Translation {
     // A rejected CEC falls back to its last good version: run again with those documents
     // substituted, carrying the new versions' errors along so they are still reported.
     let mut fallbacks: BTreeMap<String, Vec<Diagnostic>> = BTreeMap::new();
-    let mut substituted: Vec<Document> = Vec::with_capacity(docs.len());
-    for doc in docs {
+    let mut previous: BTreeMap<usize, Document> = BTreeMap::new();
+    for (i, doc) in docs.iter().enumerate() {
         let name = match doc.kind() {
             k @ (DocKind::CiliumEnvoyConfig | DocKind::CiliumClusterwideEnvoyConfig) => scope_of(doc, k).source_name(),
-            _ => {
-                substituted.push(doc.clone());
-                continue;
-            }
+            _ => continue,
         };
-        let rejected =
-            first.snapshot.sources.iter().any(|s| s.name == name && matches!(s.state, SourceState::Rejected { .. }));
-        match opts.last_good.get(&name) {
-            Some(prev) if rejected && prev != doc && !fallbacks.contains_key(&name) => {
-                let errors = first.snapshot.diagnostics.iter().filter(|d| d.source == name).cloned().collect();
-                fallbacks.insert(name, errors);
-                substituted.push(prev.clone());
-            }
-            _ => substituted.push(doc.clone()),
+        if fallbacks.contains_key(&name)
+            || !first.snapshot.sources.iter().any(|s| s.name == name && matches!(s.state, SourceState::Rejected { .. }))
+        {
+            continue;
+        }
+        // A stored document is our own serialisation of a parsed one: it always parses.
+        if let Some(prev) = opts.last_good.get(&name).filter(|p| !p.is(doc)).and_then(|p| p.document().ok()) {
+            let errors = first.snapshot.diagnostics.iter().filter(|d| d.source == name).cloned().collect();
+            fallbacks.insert(name, errors);
+            previous.insert(i, prev);
         }
     }
     if fallbacks.is_empty() {
         return first;
     }
+    let substituted: Vec<Document> =
+        docs.iter().enumerate().map(|(i, d)| previous.remove(&i).unwrap_or_else(|| d.clone())).collect();
     pass(&substituted, opts, &fallbacks)
 }
 
@@ -305,7 +305,7 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
             SourceKind::CiliumEnvoyConfig
         },
         origin: doc.origin.clone(),
-        doc: doc.clone(),
+        doc: StoredDocument::new(doc),
         listeners: Vec::new(),
         route_configs: Vec::new(),
         clusters: Vec::new(),

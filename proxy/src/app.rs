@@ -171,7 +171,7 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
     let mut source_task = match source {
         Source::Files(path) => {
             let (docs, errors) = crate::source::file::load(&path);
-            let outcome = control.apply(&docs, &errors);
+            let outcome = control.apply(docs, &errors);
             if matches!(outcome, crate::control::ReloadOutcome::Refused { .. }) {
                 tracing::error!("the initial configuration could not be read; serving nothing until it is fixed");
             }
@@ -185,7 +185,7 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
                 let _watcher = watcher;
                 while rx.recv().await.is_some() {
                     let (docs, errors) = crate::source::file::load(&path);
-                    let outcome = control.apply(&docs, &errors);
+                    let outcome = control.apply(docs, &errors);
                     admin_state.record_reload(&outcome);
                 }
             })
@@ -205,7 +205,7 @@ async fn run_async(source: Source, config: Config) -> Result<()> {
             tokio::spawn(async move {
                 let r = kubernetes::run(client, opts, move |docs, labels| {
                     control.set_node_labels(labels);
-                    let outcome = control.apply(&docs, &[]);
+                    let outcome = control.apply(docs, &[]);
                     admin_state.record_reload(&outcome);
                     // The first call marks the end of the initial sync.
                     admin_state.set_ready();

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use sluice_config::model::SourceState;
-use sluice_config::{Diagnostic, Document, Options, Snapshot, translate};
+use sluice_config::{Diagnostic, Document, Options, Snapshot, StoredDocument, translate};
 use tokio::sync::watch;
 
 /// The current snapshot, readable with one atomic load, plus a change notification.
@@ -88,7 +88,7 @@ type SnapshotStep = Box<dyn Fn(&Snapshot) + Send + Sync>;
 pub struct ControlPlane {
     opts: ControlOptions,
     hub: Arc<SnapshotHub>,
-    last_good: BTreeMap<String, Document>,
+    last_good: BTreeMap<String, StoredDocument>,
     ports: BTreeMap<String, u16>,
     /// Called with each snapshot before it is published (cluster state, certificates).
     prepare: Vec<SnapshotStep>,
@@ -116,7 +116,7 @@ impl ControlPlane {
     /// Translates a complete document set and publishes it. `read_errors` are documents
     /// that could not be read or parsed: they refuse the whole reload, because applying the
     /// rest would silently drop whatever the unreadable file held.
-    pub fn apply(&mut self, docs: &[Document], read_errors: &[Diagnostic]) -> ReloadOutcome {
+    pub fn apply(&mut self, docs: Vec<Document>, read_errors: &[Diagnostic]) -> ReloadOutcome {
         if !read_errors.is_empty() {
             for e in read_errors {
                 tracing::error!(target: "sluice::config", "{e}; keeping the running configuration");
@@ -132,7 +132,10 @@ impl ControlPlane {
             ipv6: true,
             node_addresses: self.opts.node_addresses.clone(),
         };
-        let t = translate(docs, &opts);
+        let t = translate(&docs, &opts);
+        // The parsed documents are the largest thing a reload allocates; let them go before
+        // the freed memory is returned below.
+        drop(docs);
         let snapshot = t.snapshot;
         let mut errors = 0;
         let mut warnings = 0;

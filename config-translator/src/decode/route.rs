@@ -136,11 +136,11 @@ fn virtual_host(cx: &mut Cx, m: Msg) -> Option<VirtualHost> {
     m.skip("metadata");
     m.skip("per_request_buffer_limit_bytes");
     m.finish(cx.sink);
-    let path_regexes = PathRegexIndex::build(&routes);
+    let index = RouteIndex::build(&routes);
     Some(VirtualHost {
         name,
         domains,
-        path_regexes,
+        index,
         routes,
         request_headers,
         response_headers,
@@ -234,29 +234,29 @@ fn route(cx: &mut Cx, m: Msg, vhost: &str, index: usize) -> Option<Route> {
     if !m.has("match") {
         cx.sink.error(m.path.as_str(), "route without `match`");
     }
-    let action = match m
-        .oneof(cx.sink, &["route", "redirect", "direct_response", "filter_action", "non_forwarding_action"])
-    {
-        Some("route") => m
-            .msg(cx.sink, "route", "RouteAction")
-            .and_then(|a| forward_action(cx, a))
-            .map(|a| RouteAction::Forward(Box::new(a))),
-        Some("redirect") => {
-            m.msg(cx.sink, "redirect", "RedirectAction").and_then(|a| redirect_action(cx, a)).map(RouteAction::Redirect)
-        }
-        Some("direct_response") => m
-            .msg(cx.sink, "direct_response", "DirectResponseAction")
-            .and_then(|a| direct_response(cx, a))
-            .map(RouteAction::DirectResponse),
-        Some(other) => {
-            m.unsupported(cx.sink, other, "only route, redirect and direct_response actions are implemented");
-            None
-        }
-        None => {
-            cx.sink.error(m.path.as_str(), "route without an action (route, redirect or direct_response)");
-            None
-        }
-    };
+    let action =
+        match m.oneof(cx.sink, &["route", "redirect", "direct_response", "filter_action", "non_forwarding_action"]) {
+            Some("route") => m
+                .msg(cx.sink, "route", "RouteAction")
+                .and_then(|a| forward_action(cx, a))
+                .map(|a| RouteAction::Forward(Box::new(a))),
+            Some("redirect") => m
+                .msg(cx.sink, "redirect", "RedirectAction")
+                .and_then(|a| redirect_action(cx, a))
+                .map(|r| RouteAction::Redirect(Box::new(r))),
+            Some("direct_response") => m
+                .msg(cx.sink, "direct_response", "DirectResponseAction")
+                .and_then(|a| direct_response(cx, a))
+                .map(|d| RouteAction::DirectResponse(Box::new(d))),
+            Some(other) => {
+                m.unsupported(cx.sink, other, "only route, redirect and direct_response actions are implemented");
+                None
+            }
+            None => {
+                cx.sink.error(m.path.as_str(), "route without an action (route, redirect or direct_response)");
+                None
+            }
+        };
     let request_headers = header_mutations(cx, &m, "request_headers_to_add", "request_headers_to_remove");
     let response_headers = header_mutations(cx, &m, "response_headers_to_add", "response_headers_to_remove");
     let (cors, disabled_filters) = per_filter_configs(cx, &m);
@@ -298,7 +298,7 @@ fn route_match(cx: &mut Cx, m: Msg) -> Option<RouteMatch> {
         Some("path") => PathMatch::Path(m.str(cx.sink, "path")?),
         Some("safe_regex") => {
             let r = m.msg(cx.sink, "safe_regex", "RegexMatcher")?;
-            PathMatch::SafeRegex(regex_matcher(cx, r)?)
+            PathMatch::SafeRegex(Box::new(regex_matcher(cx, r)?))
         }
         Some("connect_matcher") => {
             m.skip("connect_matcher");

@@ -555,7 +555,7 @@ mod tests {
         assert!(!check(&sep, true, "/FOO/bar"));
         assert!(check(&sep, false, "/FOO/bar"));
         assert!(!check(&sep, true, "/fo"));
-        let re = PathMatch::SafeRegex(Pattern::new("/v[0-9]+/.*").unwrap());
+        let re = PathMatch::SafeRegex(Box::new(Pattern::new("/v[0-9]+/.*").unwrap()));
         assert!(check(&re, true, "/v1/users"));
         assert!(!check(&re, true, "/x/v1/users"));
         assert!(!check(&PathMatch::Connect, true, "/"));

@@ -65,34 +65,54 @@ fn port_start(host: &str) -> Option<usize> {
 
 /// The first route of `vhost` whose match conditions all hold.
 ///
-/// Perf: a linear scan like Envoy's, with the query-less path computed once; each route
+/// Small tables are scanned like Envoy's, with the query-less path computed once; each route
 /// rejects on its path specifier first (a byte comparison) before touching headers, and header
-/// and query lookups borrow (`HeaderMap::get_all(&str)` hashes without allocating). An index
-/// over first path segments would cut the scan for very large route tables; Cilium's
-/// translators emit tens of routes per virtual host, where the scan is cheaper than a lookup.
+/// and query lookups borrow. Large tables ask the virtual host's [`RouteIndex`] for the
+/// routes that can match and evaluate only those, still in route order.
+///
+/// [`RouteIndex`]: sluice_config::model::RouteIndex
 pub fn select_route<'a>(vhost: &'a VirtualHost, req: &RequestView<'_>) -> Option<&'a Route> {
     // Computed once for all routes: the path matchers never look at the query.
     let path_only = req.path_only();
-    // Regex path matchers are answered by one pass of the virtual host's regex set, computed
-    // when the scan reaches the first regex route (and not at all if an earlier route wins).
-    let mut regex_hits: Option<Option<regex::SetMatches>> = None;
-    for (i, r) in vhost.routes.iter().enumerate() {
-        if let Some(slot) = vhost.path_regexes.slot(i)
-            && !req.path.is_empty()
-        {
-            let hits = regex_hits.get_or_insert_with(|| vhost.path_regexes.matches(path_only));
-            if let Some(hits) = hits {
-                if hits.matched(slot) && matches_except_path(r, req) {
-                    return Some(r);
-                }
-                continue;
-            }
-        }
+    if !vhost.index.is_built() || req.path.is_empty() {
+        return vhost.routes.iter().find(|r| matches_with(r, req, path_only));
+    }
+    // One small allocation, only for tables large enough to be indexed.
+    let mut lists: Vec<&[u32]> = Vec::with_capacity(8);
+    vhost.index.candidates(path_only.as_bytes(), |name, f| each_header_value(req, name, f), &mut lists);
+    first_match(vhost, req, path_only, &mut lists)
+}
+
+/// Merges the sorted candidate lists, lowest route index first, and returns the first
+/// candidate whose conditions all hold.
+fn first_match<'a>(
+    vhost: &'a VirtualHost,
+    req: &RequestView<'_>,
+    path_only: &str,
+    lists: &mut [&[u32]],
+) -> Option<&'a Route> {
+    loop {
+        let (which, &i) =
+            lists.iter().enumerate().filter_map(|(k, l)| l.first().map(|i| (k, i))).min_by_key(|&(_, i)| *i)?;
+        lists[which] = &lists[which][1..];
+        let r = vhost.routes.get(i as usize)?;
         if matches_with(r, req, path_only) {
             return Some(r);
         }
     }
-    None
+}
+
+/// Calls `f` with each value of a request header, as the header matchers see them.
+fn each_header_value(req: &RequestView<'_>, name: &str, f: &mut dyn FnMut(&str)) {
+    match super::matching::header_values(req, name) {
+        Some(super::matching::Values::One(v)) => f(&v),
+        Some(super::matching::Values::Each(all)) => {
+            for v in all.iter() {
+                f(&String::from_utf8_lossy(v.as_bytes()))
+            }
+        }
+        None => {}
+    }
 }
 
 /// Whether one route matches the request (all of its conditions).
@@ -140,30 +160,61 @@ mod tests {
     use super::*;
     use crate::route::testutil::{route_config, view};
 
-    /// The regex-set index must pick exactly the route a plain first-match scan picks.
+    /// The route index must pick exactly the route a plain first-match scan picks, for every
+    /// kind of route it files (path literals, regex literals, exact headers, pseudo-headers)
+    /// and every kind it cannot (case-insensitive, inverted, no literal at all).
     #[test]
-    fn regex_index_agrees_with_a_plain_scan() {
+    fn the_route_index_agrees_with_a_plain_scan() {
         let mut routes = Vec::new();
-        for i in 0..40 {
-            let m = match i % 4 {
-                0 => json!({"safe_regex": {"regex": format!("/r{i}/[a-z]+")}}),
+        for i in 0..80 {
+            let m = match i % 10 {
+                0 => json!({"safe_regex": {"regex": format!("/r{}/[a-z]+", i % 20)}}),
                 1 => json!({"prefix": format!("/p{}", i % 7)}),
-                2 => {
-                    json!({"safe_regex": {"regex": format!("/(r{}|x)/.*", i % 5)}, "headers": [{"name": "x-h", "string_match": {"exact": "1"}}]})
+                2 => json!({"safe_regex": {"regex": format!("/(r{}|x)/.*", i % 5)},
+                            "headers": [{"name": "x-h", "string_match": {"exact": "1"}}]}),
+                3 => json!({"path": format!("/e{}", i % 13)}),
+                4 => {
+                    json!({"prefix": "/", "headers": [{"name": "x-tenant", "string_match": {"exact": format!("t{}", i % 9)}}]})
                 }
-                _ => json!({"path": format!("/e{i}")}),
+                5 => {
+                    json!({"prefix": "/", "headers": [{"name": ":authority", "string_match": {"exact": format!("h{}", i % 3)}}]})
+                }
+                6 => json!({"prefix": format!("/P{}", i % 7), "case_sensitive": false}),
+                7 => {
+                    json!({"prefix": "/", "headers": [{"name": "x-tenant", "string_match": {"exact": "t1"}, "invert_match": true},
+                                                       {"name": "x-h", "present_match": true}]})
+                }
+                8 => {
+                    json!({"path_separated_prefix": format!("/s{}", i % 4), "query_parameters": [{"name": "q", "present_match": true}]})
+                }
+                _ => {
+                    json!({"safe_regex": {"regex": ".*/tail"}, "headers": [{"name": "x-tenant", "string_match": {"exact": "t2"}}]})
+                }
             };
             routes.push(json!({"name": format!("r{i}"), "match": m, "direct_response": {"status": 200}}));
         }
-        routes.push(json!({"name": "last", "match": {"prefix": "/"}, "direct_response": {"status": 200}}));
+        routes.push(json!({"name": "last", "match": {"prefix": "/e"}, "direct_response": {"status": 200}}));
         let rc =
             route_config(json!({"name": "rc", "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]}));
         let vh = &rc.virtual_hosts[0];
-        assert!(vh.path_regexes.slot(0).is_some(), "the index is built for 20 regex routes");
-        let mut with = HeaderMap::new();
-        with.insert("x-h", "1".parse().unwrap());
-        let without = HeaderMap::new();
-        for path in [
+        assert!(vh.index.is_built(), "the index is built for 81 routes");
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, v.parse().unwrap());
+            }
+            h
+        };
+        let header_sets = [
+            headers(&[]),
+            headers(&[("x-h", "1")]),
+            headers(&[("x-tenant", "t4")]),
+            headers(&[("x-tenant", "t1"), ("x-h", "0")]),
+            headers(&[("x-tenant", "t0"), ("x-tenant", "t2")]),
+            headers(&[("x-tenant", "t2")]),
+            headers(&[("x-tenant", "t0"), ("x-h", "1")]),
+        ];
+        let paths = [
             "/r0/abc",
             "/r0/ABC",
             "/r4/x",
@@ -171,18 +222,39 @@ mod tests {
             "/r3/q?z=1",
             "/p3",
             "/p3/deeper",
+            "/P3/deeper",
+            "/p6x",
             "/e7",
             "/e8",
+            "/e12",
             "/nothing",
             "/r12/abc",
-        ] {
-            for headers in [&with, &without] {
-                let v = view(Method::GET, path, "h", headers);
-                let indexed = select_route(vh, &v).map(|r| r.name.as_str());
-                let plain = vh.routes.iter().find(|r| route_matches(r, &v)).map(|r| r.name.as_str());
-                assert_eq!(indexed, plain, "{path} with {} headers", headers.len());
+            "/s0",
+            "/s0?q",
+            "/s2/x?q=2",
+            "/s20?q",
+            "/a/tail",
+            "/tail",
+            "/",
+            "",
+            "/é/tail",
+        ];
+        let mut hits = std::collections::BTreeSet::new();
+        for path in paths {
+            for authority in ["h0", "h2", "other"] {
+                for h in &header_sets {
+                    let v = view(Method::GET, path, authority, h);
+                    let indexed = select_route(vh, &v).map(|r| r.name.as_str());
+                    let plain = vh.routes.iter().find(|r| route_matches(r, &v)).map(|r| r.name.as_str());
+                    assert_eq!(indexed, plain, "{path} on {authority} with {h:?}");
+                    hits.extend(plain);
+                }
             }
         }
+        // The requests reach routes of every kind, so the agreement is not vacuous.
+        let kinds: std::collections::BTreeSet<usize> =
+            hits.iter().filter_map(|n| n.strip_prefix('r')?.parse::<usize>().ok()).map(|i| i % 10).collect();
+        assert_eq!(kinds.len(), 10, "route kinds reached: {kinds:?} (routes {hits:?})");
     }
 
     fn vhost_name<'a>(rc: &'a RouteConfig, authority: &str) -> Option<&'a str> {

@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sluice_config::{Document, Snapshot};
+use sluice_config::{Document, Snapshot, StoredDocument};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -227,8 +227,8 @@ struct SyncState {
     interest: std::collections::BTreeSet<String>,
     /// Services and EndpointSlices included in the last rebuild.
     included: std::collections::BTreeSet<documents::ObjectId>,
-    /// The last document set and labels handed on, to skip identical resyncs.
-    last: Option<(Vec<Document>, Option<NodeLabels>)>,
+    /// The last document set (kept compact) and labels handed on, to skip identical resyncs.
+    last: Option<(Vec<StoredDocument>, Option<NodeLabels>)>,
     /// The named Node did not exist at the last rebuild.
     node_missing: bool,
 }
@@ -289,9 +289,10 @@ impl SyncState {
         self.pending = false;
         self.interest = std::mem::take(&mut built.interest);
         self.included = std::mem::take(&mut built.included);
-        let unchanged = self.last.as_ref().is_some_and(|(d, l)| *d == built.documents && *l == built.node_labels);
+        let documents: Vec<StoredDocument> = built.documents.iter().map(StoredDocument::new).collect();
+        let unchanged = self.last.as_ref().is_some_and(|(d, l)| *d == documents && *l == built.node_labels);
         if !unchanged {
-            self.last = Some((built.documents.clone(), built.node_labels.clone()));
+            self.last = Some((documents, built.node_labels.clone()));
         }
         self.initial_done = true;
         unchanged
