@@ -727,10 +727,12 @@ pub struct ForwardAction {
     pub host_rewrite: Option<HostRewrite>,
     /// Whole-request timeout; `None` disables it. Envoy's default is 15 s.
     pub timeout: Option<Duration>,
+    /// Replaces the connection manager's `stream_idle_timeout`; `Some(0)` turns it off.
     pub idle_timeout: Option<Duration>,
     pub retry_policy: Option<Arc<RetryPolicy>>,
     pub request_mirror_policies: Vec<MirrorPolicy>,
     pub hash_policy: Vec<HashPolicy>,
+    /// Replaces the connection manager's `max_stream_duration`; `Some(0)` turns it off.
     pub max_stream_duration: Option<Duration>,
     /// Cap for the `grpc-timeout` header; `Some(0)` means "no cap", `None` ignores the header.
     pub grpc_timeout_header_max: Option<Duration>,

@@ -90,13 +90,22 @@ pub struct ControlPlane {
     hub: Arc<SnapshotHub>,
     last_good: BTreeMap<String, StoredDocument>,
     ports: BTreeMap<String, u16>,
+    /// The problems the last reload logged, so a reload logs only new ones.
+    reported: std::collections::HashSet<String>,
     /// Called with each snapshot before it is published (cluster state, certificates).
     prepare: Vec<SnapshotStep>,
 }
 
 impl ControlPlane {
     pub fn new(opts: ControlOptions, hub: Arc<SnapshotHub>) -> ControlPlane {
-        ControlPlane { opts, hub, last_good: BTreeMap::new(), ports: BTreeMap::new(), prepare: Vec::new() }
+        ControlPlane {
+            opts,
+            hub,
+            last_good: BTreeMap::new(),
+            ports: BTreeMap::new(),
+            reported: Default::default(),
+            prepare: Vec::new(),
+        }
     }
 
     /// Registers a step that must see each snapshot before traffic does.
@@ -139,29 +148,45 @@ impl ControlPlane {
         let snapshot = t.snapshot;
         let mut errors = 0;
         let mut warnings = 0;
+        // A problem is logged when it appears, not again on every reload that still has it
+        // (in Kubernetes mode, endpoint churn elsewhere rebuilds every few hundred ms).
+        let mut reported = std::collections::HashSet::new();
+        let mut report = |level: tracing::Level, line: String| {
+            if !self.reported.contains(&line) {
+                match level {
+                    tracing::Level::ERROR => tracing::error!(target: "sluice::config", "{line}"),
+                    _ => tracing::warn!(target: "sluice::config", "{line}"),
+                }
+            }
+            reported.insert(line);
+        };
         for d in &snapshot.diagnostics {
             if d.is_error() {
                 errors += 1;
-                tracing::error!(target: "sluice::config", "{d}");
+                report(tracing::Level::ERROR, d.to_string());
             } else {
                 warnings += 1;
-                tracing::warn!(target: "sluice::config", "{d}");
+                report(tracing::Level::WARN, d.to_string());
             }
         }
         let mut rejected = Vec::new();
         for s in &snapshot.sources {
             match &s.state {
                 SourceState::Rejected { reason } => {
-                    tracing::error!(target: "sluice::config", "{}: rejected: {reason}", s.name);
+                    report(tracing::Level::ERROR, format!("{}: rejected: {reason}", s.name));
                     rejected.push(s.name.clone());
                 }
                 SourceState::PreviousVersion { reason } => {
-                    tracing::error!(target: "sluice::config", "{}: new version rejected ({reason}); previous version keeps serving", s.name);
+                    report(
+                        tracing::Level::ERROR,
+                        format!("{}: new version rejected ({reason}); previous version keeps serving", s.name),
+                    );
                     rejected.push(s.name.clone());
                 }
                 _ => {}
             }
         }
+        self.reported = reported;
         for l in &snapshot.listeners {
             if l.port_allocated
                 && let Some(p) = l.port()

@@ -430,7 +430,8 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
     };
     m.unsupported(cx.sink, "append_x_forwarded_host", "not implemented");
     let timeout = duration_or_default(cx, &m, "timeout", Some(Duration::from_secs(15)));
-    let idle_timeout = duration_or_default(cx, &m, "idle_timeout", None);
+    // `0s` is kept: it turns off the connection manager's stream idle timeout for this route.
+    let idle_timeout = m.duration(cx.sink, "idle_timeout");
     let retry_policy = m.msg(cx.sink, "retry_policy", "RetryPolicy").and_then(|r| retry_policy(cx, r)).map(Arc::new);
     m.unsupported(cx.sink, "retry_policy_typed_config", "not implemented");
     let mut request_mirror_policies = Vec::new();
@@ -476,7 +477,8 @@ fn forward_action(cx: &mut Cx, m: Msg) -> Option<ForwardAction> {
     let mut grpc_timeout_header_max = max_grpc_timeout;
     let mut grpc_timeout_header_offset = grpc_timeout_offset;
     if let Some(msd) = m.msg(cx.sink, "max_stream_duration", "MaxStreamDuration") {
-        max_stream_duration = msd.duration(cx.sink, "max_stream_duration").filter(|d| !d.is_zero());
+        // `0s` is kept: it turns off the connection manager's limit for this route.
+        max_stream_duration = msd.duration(cx.sink, "max_stream_duration");
         if let Some(d) = msd.duration(cx.sink, "grpc_timeout_header_max") {
             grpc_timeout_header_max = Some(d);
         }

@@ -23,6 +23,7 @@ use tower::{Layer, Service};
 
 use super::ctx::{ConnInfo, RequestCtx};
 use super::local_reply::{LocalReason, is_grpc, local_reply};
+use super::stream_timers::{BeforeResponse, ClockedBody, StreamClock};
 use crate::body::Body;
 use crate::control::SnapshotHub;
 
@@ -136,23 +137,47 @@ where
         let request_id =
             if hcm.always_set_request_id_in_response { req.headers().get("x-request-id").cloned() } else { None };
         let request_timeout = hcm.request_timeout;
+        let clock = ctx.clock.clone();
+        if let Some(clock) = &clock
+            && !http_body::Body::is_end_stream(req.body())
+        {
+            let inner = std::mem::replace(req.body_mut(), crate::body::empty());
+            *req.body_mut() = ClockedBody::request(inner, clock.clone());
+        }
+        let active = conn.activity.stream();
         req.extensions_mut().insert(ctx);
         let fut = self.inner.call(req);
         // Combinators, not an `async` block: see the router layer for why.
+        let response_clock = clock.clone();
         let finish = move |r: Result<Response<Body>, std::convert::Infallible>| {
             let mut resp = r?;
             finish_response(&mut resp, &hcm, request_id);
+            // The stream stays active, and its timers run, until the response body is done.
+            resp = resp.map(|b| ClockedBody::response(b, response_clock, active));
             if let Some(ex) = exchange {
                 resp = ex.on_response(resp);
             }
             Ok(resp)
         };
-        match request_timeout {
-            Some(t) => Box::pin(tokio::time::timeout(t, fut).map(move |r| match r {
+        let timed = move |r: Result<Result<Response<Body>, std::convert::Infallible>, LocalReason>| match r {
+            Ok(r) => r,
+            Err(reason) => Ok(local_reply(reason, grpc)),
+        };
+        match (request_timeout, clock) {
+            (Some(t), Some(clock)) => {
+                Box::pin(tokio::time::timeout(t, BeforeResponse::new(fut, clock)).map(move |r| {
+                    finish(match r {
+                        Ok(r) => timed(r),
+                        Err(_) => Ok(local_reply(LocalReason::RequestTimeout, grpc)),
+                    })
+                }))
+            }
+            (Some(t), None) => Box::pin(tokio::time::timeout(t, fut).map(move |r| match r {
                 Ok(r) => finish(r),
                 Err(_) => finish(Ok(local_reply(LocalReason::RequestTimeout, grpc))),
             })),
-            None => Box::pin(fut.map(finish)),
+            (None, Some(clock)) => Box::pin(BeforeResponse::new(fut, clock).map(move |r| finish(timed(r)))),
+            (None, None) => Box::pin(fut.map(finish)),
         }
     }
 }
@@ -243,6 +268,7 @@ pub fn prepare(
         client: SocketAddr::new(client_ip, conn.remote.port()),
         hostname: hostname(),
         obs: None,
+        clock: StreamClock::new(hcm.stream_idle_timeout, hcm.max_stream_duration),
     })
 }
 
@@ -629,6 +655,7 @@ fn details(reason: Option<LocalReason>) -> &'static str {
         Some(LocalReason::BadRequest) => "invalid_request",
         Some(LocalReason::StreamIdleTimeout) => "stream_idle_timeout",
         Some(LocalReason::RequestTimeout) => "request_overall_timeout",
+        Some(LocalReason::MaxStreamDuration) => "downstream_duration_timeout",
         Some(LocalReason::Configured) => "direct_response",
         Some(LocalReason::PayloadTooLarge) => "request_payload_too_large",
         Some(LocalReason::Forbidden) => "forbidden",

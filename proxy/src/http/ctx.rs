@@ -20,6 +20,8 @@ pub struct ConnInfo {
     pub tls: Option<TlsInfo>,
     pub listener: Arc<str>,
     pub chain: Arc<str>,
+    /// Streams in flight, for the connection `idle_timeout`.
+    pub activity: Arc<super::stream_timers::ConnActivity>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -82,6 +84,9 @@ pub struct RequestCtx {
     /// What the layers learn about this request for stats, access logs and traces; `None`
     /// when nothing observes the request.
     pub obs: Option<Arc<RequestObs>>,
+    /// The stream's idle and duration timers, when configured (the router applies the
+    /// route's overrides).
+    pub clock: Option<Arc<super::stream_timers::StreamClock>>,
 }
 
 /// Facts about one request that later layers learn and the connection manager reports when

@@ -29,6 +29,8 @@ pub enum LocalReason {
     StreamIdleTimeout,
     /// Request timeout (headers or whole request) before routing.
     RequestTimeout,
+    /// DT: the stream reached its `max_stream_duration`.
+    MaxStreamDuration,
     /// Redirect or direct response configured on the route (not an error).
     Configured,
     /// 413: body larger than a buffer limit.
@@ -51,6 +53,7 @@ impl LocalReason {
             LocalReason::BadRequest => "DPE",
             LocalReason::StreamIdleTimeout => "SI",
             LocalReason::RequestTimeout => "DT",
+            LocalReason::MaxStreamDuration => "DT",
             LocalReason::Configured => "",
             LocalReason::PayloadTooLarge => "",
             LocalReason::Forbidden => "",
@@ -66,7 +69,9 @@ impl LocalReason {
             LocalReason::ConnectFailure | LocalReason::UpstreamReset => StatusCode::SERVICE_UNAVAILABLE,
             LocalReason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             LocalReason::BadRequest => StatusCode::BAD_REQUEST,
-            LocalReason::StreamIdleTimeout | LocalReason::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            LocalReason::StreamIdleTimeout | LocalReason::RequestTimeout | LocalReason::MaxStreamDuration => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             LocalReason::Configured => StatusCode::OK,
             LocalReason::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             LocalReason::Forbidden => StatusCode::FORBIDDEN,
@@ -92,6 +97,7 @@ impl LocalReason {
             LocalReason::BadRequest => "Bad Request",
             LocalReason::StreamIdleTimeout => "stream timeout",
             LocalReason::RequestTimeout => "request timeout",
+            LocalReason::MaxStreamDuration => "downstream duration timeout",
             LocalReason::Configured => "",
             LocalReason::PayloadTooLarge => "Payload Too Large",
             LocalReason::Forbidden => "Forbidden",

@@ -10,4 +10,5 @@ pub mod retry;
 pub mod router;
 pub mod server;
 pub mod stack;
+pub mod stream_timers;
 pub mod upgrade;

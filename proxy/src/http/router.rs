@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use sluice_config::model::{ClusterSpecifier, HttpFilter, RouteAction};
+use sluice_config::model::{ClusterSpecifier, HttpFilter, Route, RouteAction};
 use tower::{Layer, Service};
 
 use super::ctx::{RequestCtx, Routed};
@@ -174,7 +174,7 @@ fn route_request(mut req: Request<Body>) -> Decision {
             }
             Some(Selection::Route { vhost, route }) => (vhost, route),
         };
-        let route_index = vhost.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0);
+        let route_index = index_of(&vhost.routes, route);
         // Route identity for per-route statistics, access logs and the server span.
         if let Some(obs) = &ctx.obs {
             obs.set_route(vhost, route_index);
@@ -247,6 +247,15 @@ fn route_request(mut req: Request<Body>) -> Decision {
     let RouteAction::Forward(action) = &route.action else {
         return Decision::Reply(local_reply(LocalReason::NoRoute, grpc));
     };
+    // The route's stream timers replace the connection manager's.
+    if let Some(clock) = &ctx.clock {
+        if let Some(t) = action.idle_timeout {
+            clock.set_idle(t);
+        }
+        if let Some(t) = action.max_stream_duration {
+            clock.set_max(t);
+        }
+    }
 
     // Cluster choice: weighted (with the same random value as runtime_fraction, as Envoy
     // does), named by a header, or fixed.
@@ -304,4 +313,15 @@ fn route_request(mut req: Request<Body>) -> Decision {
         req,
         Box::new(PostProcess { routed, ctx, request_headers, method, authority, path, cors_headers }),
     )
+}
+
+/// The index of `route` in `routes`, from its address: a large table is not scanned again
+/// after the route index found the route.
+fn index_of(routes: &[Route], route: &Route) -> usize {
+    let size = std::mem::size_of::<Route>().max(1);
+    let offset = (route as *const Route as usize).wrapping_sub(routes.as_ptr() as usize) / size;
+    match routes.get(offset) {
+        Some(r) if std::ptr::eq(r, route) => offset,
+        _ => routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
+    }
 }

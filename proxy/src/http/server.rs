@@ -74,6 +74,14 @@ pub async fn serve<I>(
     tokio::pin!(connection);
     let max_duration = hcm.max_connection_duration.map(|d| tokio::time::Instant::now() + d);
     let drain_timeout = hcm.drain_timeout;
+    let idle_timeout = hcm.idle_timeout;
+    let activity = conn.activity.clone();
+    let idle = async move {
+        match idle_timeout {
+            Some(t) => activity.idle_for(t).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         res = connection.as_mut() => {
             if let Err(e) = res {
@@ -83,6 +91,8 @@ pub async fn serve<I>(
         }
         _ = drain.wait_for(|d| *d) => {}
         _ = sleep_until(max_duration) => {}
+        // `idle_timeout`: no stream for that long; HTTP/2 clients get a GOAWAY.
+        _ = idle => {}
     }
     // Graceful: HTTP/1 closes after the current response, HTTP/2 sends GOAWAY and lets open
     // streams finish, within the drain timeout.

@@ -215,6 +215,7 @@ async fn handle(
                 tls: Some(info),
                 listener: listener_name,
                 chain: chain_name,
+                activity: Arc::default(),
             });
             dispatch(worker, &listener, &chain.filter, conn, tls_stream, drain).await;
         }
@@ -226,6 +227,7 @@ async fn handle(
                 tls: None,
                 listener: listener_name,
                 chain: chain_name,
+                activity: Arc::default(),
             });
             dispatch(worker, &listener, &chain.filter, conn, io, drain).await;
         }
@@ -247,6 +249,7 @@ pub fn serve_internal(worker: &Arc<Worker>, name: &str, io: tokio::io::DuplexStr
         tls: None,
         listener: Arc::from(name),
         chain: Arc::from(chain.name.as_str()),
+        activity: Arc::default(),
     });
     let filter = match &chain.filter {
         NetworkFilter::HttpConnectionManager(h) => NetworkFilter::HttpConnectionManager(h.clone()),
