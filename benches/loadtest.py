@@ -31,7 +31,7 @@ BENCHES = Path(__file__).resolve().parent
 REPO = BENCHES.parent
 sys.path.insert(0, str(BENCHES))
 
-from harness import cgroups, checks, procs, report, tooling  # noqa: E402
+from harness import cgroups, checks, otlp_sink, procs, report, tls, tooling  # noqa: E402
 from harness.loadgen import LoadResult, ParseError  # noqa: E402
 from harness.report import Round, Row  # noqa: E402
 from harness.tooling import ToolError, log  # noqa: E402
@@ -133,6 +133,16 @@ class Context:
     config_dirs: dict[str, Path] = field(default_factory=dict)
     #: config set -> Envoy bootstrap path, or the reason there is none.
     bootstraps: dict[str, Path | str] = field(default_factory=dict)
+    #: The run's TLS certificate (also its CA), made when a config set needs it.
+    tls_cert: Path | None = None
+    #: The OTLP trace sink, its address and its output, when a workload needs it.
+    sink: subprocess.Popen | None = None
+    sink_addr: str | None = None
+    sink_log: Path | None = None
+
+    def addrs(self) -> dict[str, str]:
+        """What ``{name}`` in a workload's proxy arguments stands for."""
+        return {"otlp_sink": self.sink_addr} if self.sink_addr else {}
 
     def pin(self, cpu: int) -> list[str]:
         return ["taskset", "-c", str(cpu)] if self.pinned else []
@@ -190,8 +200,19 @@ def stage_configs(ctx: Context) -> None:
             scratch.unlink()
         staged = ctx.out / "configs" / name
         staged.mkdir(parents=True, exist_ok=True)
+        if cs.tls and ctx.tls_cert is None:
+            try:
+                ctx.tls_cert = tls.make_certificate(ctx.work / "tls")
+            except tls.TlsError as e:
+                raise ToolError(f"cannot make the TLS certificate: {e}") from None
+            log(f"made a self-signed ECDSA P-256 certificate in {ctx.tls_cert.parent}")
         for file in cs.files:
-            shutil.copyfile(BENCHES / "configs" / file, staged / file)
+            if cs.tls:
+                text = (BENCHES / "configs" / file).read_text(encoding="utf-8")
+                assert ctx.tls_cert is not None
+                (staged / file).write_text(tls.render(text, ctx.tls_cert.parent), encoding="utf-8")
+            else:
+                shutil.copyfile(BENCHES / "configs" / file, staged / file)
         ctx.config_dirs[name] = staged
         if "envoy" in ctx.args.proxies:
             ctx.bootstraps[name] = envoy_bootstrap(ctx, name, staged)
@@ -248,6 +269,29 @@ def start_backend(ctx: Context) -> None:
     log(f"echo backend on {BACKEND_ADDR} (pid {proc.pid})")
 
 
+def start_trace_sink(ctx: Context) -> None:
+    """The OTLP/gRPC sink of the tracing workloads, on a free port, pinned with the backend."""
+    if not any(w.trace_sink for w in ctx.args.workloads):
+        return
+    argv = ctx.pin(ctx.args.load_cpu) + [
+        sys.executable, str(BENCHES / "harness" / "otlp_sink.py"), "--listen", "127.0.0.1:0",
+    ]  # fmt: skip
+    ctx.sink_log = ctx.logs / "otlp-sink.log"
+    proc = ctx.processes.start("otlp sink", argv, ctx.sink_log)
+    try:
+        line = procs.wait_for_line(proc, ctx.sink_log, "listening on", timeout=15)
+    except procs.NotReady as e:
+        raise ToolError(f"OTLP sink: {e}") from None
+    ctx.sink, ctx.sink_addr = proc, line.split("listening on", 1)[1].strip()
+    log(f"OTLP trace sink on {ctx.sink_addr} (pid {proc.pid})")
+
+
+def sink_totals(ctx: Context) -> tuple[int, int]:
+    """(exports, spans) the sink has received so far."""
+    assert ctx.sink_log is not None
+    return otlp_sink.read_totals(ctx.sink_log.read_text(encoding="utf-8", errors="replace"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Rounds
 
@@ -259,6 +303,8 @@ def proxy_argv(
     extra = workload.proxy_args.get(proxy, [])
     if cg is not None:
         extra = cg.substitute(extra)
+    for name, value in ctx.addrs().items():
+        extra = [a.replace("{" + name + "}", value) for a in extra]
     if proxy == "sluice":
         assert ctx.sluice_bin is not None
         admin = f"127.0.0.1:{procs.free_port()}"
@@ -272,7 +318,15 @@ def proxy_argv(
     if not isinstance(bootstrap, Path):
         raise Unavailable(bootstrap)
     assert ctx.envoy_bin is not None
-    bootstrap = with_free_admin_port(bootstrap, ctx.logs / f"{workload.name}-envoy-round{index}.json")
+    bootstrap = with_free_admin_port(
+        bootstrap,
+        ctx.logs / f"{workload.name}-envoy-round{index}.json",
+        edit=(
+            (lambda b: workload.envoy_bootstrap_edit(b, ctx.addrs()))
+            if workload.envoy_bootstrap_edit
+            else None
+        ),
+    )
     # --disable-hot-restart: no shared-memory region, so Envoys started by others on this
     # machine (differential tests) cannot collide with this one; it does not touch the data path.
     argv = [
@@ -295,15 +349,19 @@ def in_cgroup(
     return cgroups.wrap(where, argv, env)
 
 
-def with_free_admin_port(bootstrap: Path, dest: Path) -> Path:
+def with_free_admin_port(bootstrap: Path, dest: Path, edit=None) -> Path:
     """A copy of ``bootstrap`` whose admin listener (if any) is on a free port, so an Envoy
     someone else runs on the bootstrap's default admin port cannot stop this one starting. The
-    data path is untouched."""
+    data path is untouched, except by ``edit`` (the workload's own bootstrap edit, applied to
+    the parsed bootstrap in place)."""
     config = json.loads(bootstrap.read_text(encoding="utf-8"))
     socket_address = config.get("admin", {}).get("address", {}).get("socket_address")
-    if not isinstance(socket_address, dict):
+    if not isinstance(socket_address, dict) and edit is None:
         return bootstrap
-    socket_address["port_value"] = procs.free_port(socket_address.get("address", "127.0.0.1"))
+    if isinstance(socket_address, dict):
+        socket_address["port_value"] = procs.free_port(socket_address.get("address", "127.0.0.1"))
+    if edit is not None:
+        edit(config)
     dest.write_text(json.dumps(config), encoding="utf-8")
     return dest
 
@@ -313,6 +371,8 @@ def run_round(ctx: Context, workload: Workload, proxy: str, index: int) -> Round
         raise Unavailable(f"the workload runs on {', '.join(workload.proxies)} only")
     if proxy == "direct":
         return measure(ctx, workload, f"{workload.scheme}://{BACKEND_ADDR}", None, index)
+    if workload.trace_sink and (ctx.sink is None or ctx.sink.poll() is not None):
+        raise ToolError("the OTLP trace sink is not running; see logs/otlp-sink.log")
     if proxy in ctx.unavailable:
         raise Unavailable(ctx.unavailable[proxy])
     listen = CONFIG_SETS[workload.config].listen
@@ -325,6 +385,8 @@ def run_round(ctx: Context, workload: Workload, proxy: str, index: int) -> Round
         except cgroups.CgroupError as e:
             raise Unavailable(str(e)) from None
     log_path = ctx.logs / f"{workload.name}-{proxy}-round{index}.log"
+    sink_before = sink_totals(ctx) if workload.trace_sink else (0, 0)
+    sink_cpu_before = procs.cpu_seconds(ctx.sink.pid) if workload.trace_sink and ctx.sink else 0.0
     try:
         argv = ctx.pin(ctx.args.proxy_cpu) + proxy_argv(ctx, proxy, workload, index, cg)
         proc = ctx.processes.start(proxy, argv, log_path)
@@ -333,8 +395,7 @@ def run_round(ctx: Context, workload: Workload, proxy: str, index: int) -> Round
                 procs.wait_listening(proc, listen, timeout=60, log=log_path)
             except procs.NotReady as e:
                 raise Unavailable(str(e)) from None
-            target = workload.target or listen
-            result = measure(ctx, workload, f"{workload.scheme}://{target}", proc, index, cg)
+            result = measure(ctx, workload, workload.url, proc, index, cg)
             if proc.poll() is not None:
                 raise RoundFailed(f"{proxy} exited with code {proc.returncode} during the run")
         finally:
@@ -346,7 +407,36 @@ def run_round(ctx: Context, workload: Workload, proxy: str, index: int) -> Round
         problem = workload.check_log(log_path.read_text(encoding="utf-8", errors="replace"))
         if problem:
             raise RoundFailed(problem)
+    if workload.trace_sink:
+        check_traced(ctx, result, sink_before, sink_cpu_before)
     return result
+
+
+def check_traced(ctx: Context, result: Round, before: tuple[int, int], cpu_before: float) -> None:
+    """A tracing round counts only if the proxy's spans reached the sink. The proxy has
+    stopped (Sluice exports what is queued when it stops; Envoy sends every 5 spans)."""
+    deadline = time.monotonic() + 2.0
+    exports, spans = sink_totals(ctx)
+    while time.monotonic() < deadline:  # the sink prints after it has read a whole export
+        time.sleep(0.25)
+        now = sink_totals(ctx)
+        if now == (exports, spans) and spans > before[1]:
+            break
+        exports, spans = now
+    result.trace_exports, result.trace_spans = exports - before[0], spans - before[1]
+    assert ctx.sink is not None
+    result.trace_sink_cpu_s = procs.cpu_seconds(ctx.sink.pid) - cpu_before
+    if not result.trace_spans:
+        raise RoundFailed(
+            "the OTLP sink received no span from the proxy: it did not trace"
+            f" ({result.trace_exports} exports; see logs/otlp-sink.log)"
+        )
+    if result.proxied_requests:
+        log(
+            f"trace sink: {result.trace_spans} spans in {result.trace_exports} exports,"
+            f" {100 * result.trace_spans / result.proxied_requests:.2f} per 100 requests;"
+            f" the sink used {result.trace_sink_cpu_s:.2f} s of CPU {ctx.args.load_cpu}"
+        )
 
 
 def run_load(
@@ -383,14 +473,37 @@ def measure(
     index: int,
     cg: cgroups.RoundCgroup | None = None,
 ) -> Round:
+    via_tls = None
+    if url.startswith("https://"):
+        assert ctx.tls_cert is not None
+        resolve = None
+        if workload.server_name:
+            port = url.rpartition(":")[2]
+            resolve = f"{workload.server_name}:{port}:{procs.split_addr(workload.address)[0]}"
+        via_tls = checks.Tls(cacert=ctx.tls_cert, resolve=resolve)
     try:
         prefix = cgroups.wrap(cg.app, []) if cg is not None else []
-        checks.check(url, workload.request, workload.protocol, ctx.work, BACKEND_NAME, prefix=prefix)
+        for protocol in (workload.protocol, *workload.also_check):
+            checks.check(
+                url, workload.request, protocol, ctx.work, BACKEND_NAME, prefix=prefix, tls=via_tls
+            )
+        if workload.full_handshakes:
+            assert ctx.tls_cert is not None
+            try:
+                resumed = tls.session_resumed(workload.address, workload.server_name or "", ctx.tls_cert)
+            except OSError as e:
+                raise checks.SanityError(f"TLS session resumption probe: {e}") from None
+            if resumed:
+                raise checks.SanityError(
+                    f"{workload.address} resumed a TLS session: the load would not measure full"
+                    " handshakes"
+                )
     except checks.SanityError as e:
         raise RoundFailed(f"sanity check: {e}") from None
+    warm_requests = 0
     if ctx.args.warmup:
         try:
-            run_load(ctx, workload, url, ctx.args.warmup, cg)
+            warm_requests = run_load(ctx, workload, url, ctx.args.warmup, cg).requests
         except RoundFailed as e:
             raise RoundFailed(f"warm-up: {e}") from None
     time.sleep(0.5)  # let the warm-up's connections close before reading the idle footprint
@@ -417,6 +530,7 @@ def measure(
         idle_rss_mib=idle.rss_kib / 1024 if idle else None,
         peak_rss_mib=peak.hwm_kib / 1024 if peak else None,
         backend_cpu_per_10k=backend_cpu * per_10k,
+        proxied_requests=warm_requests + result.requests if proc is not None else None,
     )
 
 
@@ -431,6 +545,8 @@ def describe(r: Round) -> str:
         parts.append(f"CPU {r.cpu_per_10k:.3f} s/10k")
     if r.idle_rss_mib is not None and r.peak_rss_mib is not None:
         parts.append(f"RSS idle {r.idle_rss_mib:.1f} / peak {r.peak_rss_mib:.1f} MiB")
+    if r.trace_spans is not None:
+        parts.append(f"{r.trace_spans} spans traced")
     return ", ".join(parts)
 
 
@@ -458,14 +574,14 @@ def run_workload(ctx: Context, workload: Workload) -> dict[str, Row]:
 
 
 def workload_info(ctx: Context, w: Workload) -> dict:
-    url = f"{w.scheme}://{w.target or CONFIG_SETS[w.config].listen}"
-    cmd = w.load(url, w.request, ctx.args.duration, Path("<workdir>"))
+    cmd = w.load(w.url, w.request, ctx.args.duration, Path("<workdir>"))
     return {
         "name": w.name,
         "description": w.description,
         "config": f"benches/configs/{'+'.join(CONFIG_SETS[w.config].files)}",
         "command": shlex.join(cmd.argv),
         "proxy_args": w.proxy_args,
+        **({"baseline": w.baseline} if w.baseline else {}),
         **({"proxy_env": w.proxy_env} if w.proxy_env else {}),
         **({"cgroups": "proxy and load generator in per-round cgroups"} if w.cgroups else {}),
     }
@@ -478,7 +594,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.list:
         for w in WORKLOADS:
-            print(f"{w.name:12} {w.description}")
+            print(f"{w.name:14} {w.description}")
         return 0
     stamp = datetime.now(timezone.utc)
     out = (args.out or BENCHES / "out" / stamp.strftime("%Y%m%d-%H%M%S")).resolve()
@@ -499,6 +615,7 @@ def main(argv: list[str]) -> int:
         stage_configs(ctx)
         write_grpc_body(ctx.work)
         start_backend(ctx)
+        start_trace_sink(ctx)
         table = {w.name: run_workload(ctx, w) for w in args.workloads}
     except ToolError as e:
         loud(f"cannot run the load test: {e}")

@@ -220,7 +220,7 @@ type SetLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// Logs to stderr; the filter can be changed at runtime through the admin API.
 fn init_logging(level: &str, format: &str) -> Result<SetLevel> {
     use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
-    let filter = EnvFilter::try_new(level).with_context(|| format!("invalid log filter {level:?}"))?;
+    let filter = EnvFilter::try_new(quiet_peers(level)).with_context(|| format!("invalid log filter {level:?}"))?;
     let (filter, handle) = reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true);
     let registry = Registry::default().with(filter);
@@ -230,9 +230,16 @@ fn init_logging(level: &str, format: &str) -> Result<SetLevel> {
         registry.with(fmt).try_init().ok();
     }
     Ok(Arc::new(move |l: &str| {
-        let f = EnvFilter::try_new(l).map_err(|e| format!("invalid log level {l:?}: {e}"))?;
+        let f = EnvFilter::try_new(quiet_peers(l)).map_err(|e| format!("invalid log level {l:?}: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     }))
+}
+
+/// rustls warns about what peers do (an IP address as SNI, an unknown alert) on every
+/// handshake: a client could flood the log. Those go to errors-only unless the filter names
+/// rustls itself.
+fn quiet_peers(filter: &str) -> String {
+    if filter.contains("rustls") { filter.to_string() } else { format!("{filter},rustls=error") }
 }
 
 fn check(path: &std::path::Path, format: Format) -> Result<ExitCode> {

@@ -8,6 +8,11 @@ sends one request with curl, the same shape as the load, and checks that it reac
   backend's ``--fixed-body`` payload is such a JSON object);
 * gRPC: status 200, ``grpc-status: 0``, ``x-backend: bench-backend``, and the request message
   echoed back unchanged.
+
+Over ``https://`` curl verifies the certificate against the run's CA (``cacert``), is pinned to
+the listener's address (``resolve``), and the handshake must show in its output. Protocol
+``h2`` is HTTP/2 chosen by ALPN (``--http2``), ``h2c`` and ``grpc`` are HTTP/2 with prior
+knowledge.
 """
 
 from __future__ import annotations
@@ -34,23 +39,66 @@ class CurlResponse:
     body: bytes
 
 
-def curl(
-    url: str, shape: RequestShape, http2: bool, workdir: Path, prefix: list[str] | None = None
-) -> CurlResponse:
-    """``prefix`` goes before the curl command (e.g. a wrapper placing it in a cgroup)."""
-    body_path = workdir / "sanity-body.out"
+@dataclass(frozen=True)
+class Tls:
+    """How curl reaches an ``https://`` target."""
+
+    #: The CA the certificate must verify against.
+    cacert: Path
+    #: ``host:port:address`` for ``--resolve`` (the URL's host name -> the listener).
+    resolve: str | None = None
+
+
+#: protocol -> curl's HTTP version option
+CURL_VERSION = {
+    "http1": "--http1.1",
+    "h2": "--http2",
+    "h2c": "--http2-prior-knowledge",
+    "grpc": "--http2-prior-knowledge",
+}
+
+
+def curl_argv(
+    url: str,
+    shape: RequestShape,
+    protocol: str,
+    workdir: Path,
+    body_path: Path,
+    prefix: list[str] | None = None,
+    tls: Tls | None = None,
+) -> list[str]:
     argv = [*(prefix or []), "curl", "-sS", "-v", "--max-time", "5", "-o", str(body_path)]
-    argv.append("--http2-prior-knowledge" if http2 else "--http1.1")
+    argv.append(CURL_VERSION[protocol])
+    if tls is not None:
+        argv += ["--cacert", str(tls.cacert)]
+        if tls.resolve:
+            argv += ["--resolve", tls.resolve]
     for name, value in shape.headers:
         argv += ["-H", f"{name}: {value}"]
     if shape.body_file is not None:
         argv += ["--data-binary", f"@{workdir / shape.body_file}"]
     argv.append(url + shape.path)
+    return argv
+
+
+def curl(
+    url: str,
+    shape: RequestShape,
+    protocol: str,
+    workdir: Path,
+    prefix: list[str] | None = None,
+    tls: Tls | None = None,
+) -> CurlResponse:
+    """``prefix`` goes before the curl command (e.g. a wrapper placing it in a cgroup)."""
+    body_path = workdir / "sanity-body.out"
+    argv = curl_argv(url, shape, protocol, workdir, body_path, prefix, tls)
     proc = subprocess.run(argv, capture_output=True, timeout=15)
     verbose = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
         last = verbose.strip().splitlines()[-1:] or ["(no output)"]
         raise SanityError(f"curl {url + shape.path} failed (exit {proc.returncode}): {last[0]}")
+    if url.startswith("https://") and "SSL connection using" not in verbose:
+        raise SanityError(f"curl {url + shape.path}: no TLS handshake in curl's output")
     version, status, headers = "", 0, {}
     for line in verbose.splitlines():
         if not line.startswith("< "):
@@ -76,13 +124,14 @@ def check(
     backend: str,
     attempts: int = 20,
     prefix: list[str] | None = None,
+    tls: Tls | None = None,
 ) -> CurlResponse:
     """Raises :class:`SanityError` unless ``url`` routes ``shape`` to ``backend``. Retries for a
     few seconds: a proxy may accept connections slightly before its routes are live."""
     error: SanityError | None = None
     for _ in range(attempts):
         try:
-            return _check_once(url, shape, protocol, workdir, backend, prefix)
+            return _check_once(url, shape, protocol, workdir, backend, prefix, tls)
         except SanityError as e:
             error = e
             time.sleep(0.25)
@@ -91,10 +140,16 @@ def check(
 
 
 def _check_once(
-    url: str, shape: RequestShape, protocol: str, workdir: Path, backend: str, prefix: list[str] | None
+    url: str,
+    shape: RequestShape,
+    protocol: str,
+    workdir: Path,
+    backend: str,
+    prefix: list[str] | None,
+    tls: Tls | None,
 ) -> CurlResponse:
-    http2 = protocol in ("h2c", "grpc")
-    resp = curl(url, shape, http2, workdir, prefix)
+    http2 = protocol != "http1"
+    resp = curl(url, shape, protocol, workdir, prefix, tls)
     want_version = "HTTP/2" if http2 else "HTTP/1.1"
     where = f"{url}{shape.path}"
     if resp.version != want_version:

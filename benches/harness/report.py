@@ -26,6 +26,19 @@ class Round:
     idle_rss_mib: float | None = None
     peak_rss_mib: float | None = None
     backend_cpu_per_10k: float | None = None
+    #: Requests through the proxy in the warm-up and the measured run.
+    proxied_requests: int | None = None
+    #: Tracing workloads: what the OTLP sink received from the proxy during the round.
+    trace_exports: int | None = None
+    trace_spans: int | None = None
+    #: CPU seconds the sink spent on them (on the load generator's CPU).
+    trace_sink_cpu_s: float | None = None
+
+    @property
+    def spans_per_100(self) -> float | None:
+        if self.trace_spans is None or not self.proxied_requests:
+            return None
+        return 100 * self.trace_spans / self.proxied_requests
 
 
 @dataclass
@@ -50,6 +63,9 @@ class Row:
     def median(self, metric: str) -> float | None:
         values = [getattr(r, metric) for r in self.ok_rounds if getattr(r, metric) is not None]
         return statistics.median(values) if values else None
+
+    def usable(self) -> bool:
+        return not self.unavailable and bool(self.ok_rounds)
 
     def spread(self, metric: str) -> float | None:
         """Half the min-max range relative to the median (a rough noise figure)."""
@@ -197,6 +213,9 @@ def markdown(meta: dict, workloads: list[dict], table: dict[str, dict[str, Row]]
         "",
         "![Sluice/Envoy ratios per workload](ratios.png)",
         "",
+    ]
+    lines += baseline_section(workloads, table)
+    lines += [
         "## Workloads",
         "",
         "| workload | config | what | load command (through the proxy) |",
@@ -227,6 +246,44 @@ def markdown(meta: dict, workloads: list[dict], table: dict[str, dict[str, Row]]
         lines += ["", "## Failed rounds", ""] + [f"- {_escape(n)}" for n in notes]
     lines += ["", NOTES_BEGIN, NOTES_PLACEHOLDER, NOTES_END, ""]
     return "\n".join(lines)
+
+
+def baseline_section(workloads: list[dict], table: dict[str, dict[str, Row]]) -> list[str]:
+    """Each proxy on a workload that adds a feature (tracing) against itself on the workload
+    without it, when both ran: what the feature costs that proxy."""
+    rows = []
+    for w in workloads:
+        base = w.get("baseline")
+        if not base or base not in table or w["name"] not in table:
+            continue
+        for proxy, row in table[w["name"]].items():
+            other = table[base].get(proxy)
+            if not other or not row.usable() or not other.usable():
+                continue
+            cells = [w["name"], base, proxy]
+            for metric, fmt in (("rps", "{:,.0f}"), ("p99_ms", "{:.2f}"), ("cpu_per_10k", "{:.3f}")):
+                a, b = row.median(metric), other.median(metric)
+                rel = f" ({a / b:.2f}×)" if a is not None and b else ""
+                cells.append(f"{_fmt(fmt, a)} vs {_fmt(fmt, b)}{rel}")
+            spans = row.median("spans_per_100")
+            cells.append(_fmt("{:.2f}", spans))
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "## Against the baseline workload",
+        "",
+        "The same proxy with and without the feature (medians; the ratio is feature /"
+        " baseline). Traced spans per 100 requests: spans the OTLP sink received per request"
+        " through the proxy (warm-up and measured run); both proxies send a server and a client"
+        " span per sampled request, so 1 % sampling gives about 2.",
+        "",
+        "| workload | baseline | proxy | req/s | p99 ms | proxy CPU s / 10k req |"
+        " traced spans / 100 req |",
+        "|---|---|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 NOTES_BEGIN = "<!-- notes:begin (kept by --publish) -->"

@@ -7,23 +7,33 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import unittest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gen_routes  # noqa: E402
-from harness import cgroups, report  # noqa: E402
-from harness.loadgen import ParseError, parse_h2load, parse_wrk, percentile  # noqa: E402
+from harness import cgroups, checks, otlp_sink, report, tls  # noqa: E402
+from harness.loadgen import ParseError, RequestShape, parse_h2load, parse_wrk, percentile  # noqa: E402
 from harness.report import Round, Row  # noqa: E402
 from harness.workloads import (  # noqa: E402
+    CONFIG_SETS,
     GRPC_BODY,
+    OTLP_SINK_CLUSTER,
+    WORKLOADS,
+    envoy_otel_tracing,
     fastpath_counters,
     fastpath_spliced,
     write_grpc_body,
 )
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 WRK_OUT = """\
 Running 3s test @ http://127.0.0.1:10080/
@@ -215,6 +225,218 @@ class FastPathTests(unittest.TestCase):
         self.assertIn("cgroup.procs", argv[2])
         self.assertIn("exec", argv[2])
         self.assertEqual(argv[3:], ["/cg/app", "env", "K=v", "wrk", "-c50"])
+
+
+class TlsTests(unittest.TestCase):
+    def test_https_config_is_a_template_without_key_material(self) -> None:
+        text = (CONFIGS / "https.yaml").read_text(encoding="utf-8")
+        self.assertNotIn("BEGIN", text)
+        self.assertIn('filename: "@TLS_DIR@/cert.pem"', text)
+        self.assertIn('alpn_protocols: ["h2,http/1.1"]', text)
+        rendered = tls.render(text, Path("/run/w/tls"))
+        self.assertIn('filename: "/run/w/tls/key.pem"', rendered)
+        self.assertNotIn(tls.TLS_DIR_PLACEHOLDER, rendered)
+
+    def test_full_handshake_config_turns_resumption_off(self) -> None:
+        text = (CONFIGS / "https.yaml").read_text(encoding="utf-8")
+        out = tls.without_session_resumption(text)
+        added = [line for line in out.splitlines() if line not in text.splitlines()]
+        typed = next(line for line in text.splitlines() if "DownstreamTlsContext" in line and "@type" in line)
+        indent = typed[: len(typed) - len(typed.lstrip())]
+        self.assertEqual(
+            added,
+            [
+                f"{indent}disable_stateless_session_resumption: true",
+                f"{indent}disable_stateful_session_resumption: true",
+            ],
+        )
+        with self.assertRaises(ValueError):
+            tls.without_session_resumption((CONFIGS / "http.yaml").read_text(encoding="utf-8"))
+
+    def test_openssl_makes_an_ecdsa_p256_certificate(self) -> None:
+        argv = tls.openssl_argv(Path("/d"))
+        self.assertIn("ec_paramgen_curve:prime256v1", argv)
+        self.assertIn("subjectAltName=DNS:localhost,IP:127.0.0.1", argv)
+        self.assertEqual(argv[-4:], ["-keyout", "/d/key.pem", "-out", "/d/cert.pem"])
+
+    @unittest.skipUnless(shutil.which("openssl"), "openssl not installed")
+    def test_certificate(self) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            cert = tls.make_certificate(Path(d) / "tls")
+            text = subprocess.run(
+                ["openssl", "x509", "-in", str(cert), "-noout", "-text"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+        self.assertIn("prime256v1", text)
+        self.assertIn("IP Address:127.0.0.1", text)
+
+    def test_https_workloads(self) -> None:
+        by_name = {w.name: w for w in WORKLOADS}
+        https, handshakes = by_name["https"], by_name["tls-handshake"]
+        self.assertEqual(https.url, "https://localhost:10443")
+        self.assertEqual(by_name["http1"].url, "http://127.0.0.1:10080")
+        self.assertTrue(CONFIG_SETS[https.config].tls and CONFIG_SETS[handshakes.config].tls)
+        self.assertTrue(handshakes.full_handshakes)
+        self.assertIn(("Connection", "close"), handshakes.request.headers)
+        cmd = handshakes.load(handshakes.url, handshakes.request, 2, Path("/w"))
+        self.assertEqual(cmd.argv[-3:], ["-H", "Connection: close", "https://localhost:10443/"])
+
+    def test_curl_verifies_the_certificate(self) -> None:
+        via = checks.Tls(cacert=Path("/w/tls/cert.pem"), resolve="localhost:10443:127.0.0.1")
+        argv = checks.curl_argv(
+            "https://localhost:10443", RequestShape(), "h2", Path("/w"), Path("/w/out"), tls=via
+        )
+        self.assertIn("--http2", argv)
+        self.assertEqual(argv[argv.index("--cacert") + 1], "/w/tls/cert.pem")
+        self.assertEqual(argv[argv.index("--resolve") + 1], "localhost:10443:127.0.0.1")
+        self.assertNotIn("-k", argv)
+        plain = checks.curl_argv("http://127.0.0.1:10080", RequestShape(), "grpc", Path("/w"), Path("/o"))
+        self.assertIn("--http2-prior-knowledge", plain)
+        self.assertNotIn("--cacert", plain)
+
+
+def _pb(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (short payloads)."""
+    assert len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def _export_request(spans_per_scope: list[int]) -> bytes:
+    span = _pb(5, b"GET /") + bytes([6 << 3, 2])  # name, kind = SERVER
+    scopes = b"".join(_pb(2, _pb(1, _pb(1, b"sluice")) + _pb(2, span) * n) for n in spans_per_scope)
+    resource_spans = _pb(1, b"") + scopes
+    return _pb(1, resource_spans)
+
+
+class OtlpSinkTests(unittest.TestCase):
+    def test_count_spans(self) -> None:
+        self.assertEqual(otlp_sink.count_spans(_export_request([2, 3])), 5)
+        self.assertEqual(otlp_sink.count_spans(b""), 0)
+        with self.assertRaises(ValueError):
+            otlp_sink.count_spans(b"\x0a\x05ab")
+
+    def test_grpc_messages(self) -> None:
+        msg = _export_request([1])
+        body = b"\x00" + len(msg).to_bytes(4, "big") + msg
+        self.assertEqual(otlp_sink.grpc_messages(body * 2), [msg, msg])
+
+    def test_read_totals(self) -> None:
+        log = "listening on 127.0.0.1:1\nexport spans=5 bytes=9 exports_total=1 spans_total=5\n" \
+              "export spans=3 bytes=9 exports_total=2 spans_total=8\n"  # fmt: skip
+        self.assertEqual(otlp_sink.read_totals(log), (2, 8))
+        self.assertEqual(otlp_sink.read_totals("listening on x\n"), (0, 0))
+
+    def test_an_export_over_http2(self) -> None:
+        """A client's frames in, a gRPC response with grpc-status 0 out, spans counted."""
+        msg = _export_request([4])
+        body = b"\x00" + len(msg).to_bytes(4, "big") + msg
+        f = otlp_sink.frame
+        client, server = socket.socketpair()
+        out = tempfile.TemporaryFile("w+")
+        self.addCleanup(out.close)
+        sink = otlp_sink.Sink(out=out)
+        thread = threading.Thread(target=sink.serve_connection, args=(server,))
+        thread.start()
+        try:
+            client.sendall(
+                otlp_sink.PREFACE
+                + f(otlp_sink.SETTINGS, 0, 0, b"\x00\x01\x00\x00\x10\x00")
+                + f(otlp_sink.HEADERS, otlp_sink.END_HEADERS, 1, b"\x83\x86")  # not decoded
+                + f(otlp_sink.DATA, 0, 1, body[:7])
+                + f(otlp_sink.DATA, otlp_sink.END_STREAM, 1, body[7:])
+                + f(otlp_sink.PING, 0, 0, b"12345678")
+                + f(otlp_sink.GOAWAY, 0, 0, bytes(8))
+            )
+            thread.join(timeout=5)
+            self.assertFalse(thread.is_alive())
+            server.close()  # the sink leaves closing to its caller
+            frames = _read_frames(client)
+        finally:
+            client.close()
+            server.close()
+        kinds = [(k, fl, s) for k, fl, s, _ in frames]
+        self.assertEqual(kinds[0][:1], (otlp_sink.SETTINGS,))
+        self.assertIn((otlp_sink.SETTINGS, otlp_sink.ACK, 0), kinds)
+        self.assertIn((otlp_sink.PING, otlp_sink.ACK, 0), kinds)
+        on_stream = [(k, fl, p) for k, fl, s, p in frames if s == 1]
+        self.assertEqual([k for k, _, _ in on_stream], [otlp_sink.HEADERS, otlp_sink.DATA, otlp_sink.HEADERS])
+        self.assertTrue(on_stream[0][2].startswith(otlp_sink.TABLE_SIZE_ZERO + b"\x88"))
+        self.assertEqual(on_stream[1][2], otlp_sink.EMPTY_MESSAGE)
+        self.assertEqual(on_stream[2][1], otlp_sink.END_HEADERS | otlp_sink.END_STREAM)
+        self.assertIn(b"grpc-status", on_stream[2][2])
+        out.seek(0)
+        self.assertEqual(otlp_sink.read_totals(out.read()), (1, 4))
+
+
+def _read_frames(sock: socket.socket) -> list[tuple[int, int, int, bytes]]:
+    sock.settimeout(5)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    frames, i = [], 0
+    while i + 9 <= len(data):
+        n = int.from_bytes(data[i : i + 3], "big")
+        stream = int.from_bytes(data[i + 5 : i + 9], "big")
+        frames.append((data[i + 3], data[i + 4], stream, data[i + 9 : i + 9 + n]))
+        i += 9 + n
+    return frames
+
+
+class TracingTests(unittest.TestCase):
+    BOOTSTRAP = {
+        "static_resources": {
+            "listeners": [{"filter_chains": [{"filters": [
+                {"name": "envoy.filters.network.http_connection_manager", "typed_config": {"stat_prefix": "x"}},
+            ]}]}],
+            "clusters": [{"name": "default/bench-backend"}],
+        }
+    }  # fmt: skip
+
+    def test_envoy_gets_the_tracing_sluice_gets_from_flags(self) -> None:
+        import copy  # noqa: PLC0415
+
+        b = copy.deepcopy(self.BOOTSTRAP)
+        envoy_otel_tracing(1.0)(b, {"otlp_sink": "127.0.0.1:4317"})
+        hcm = b["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        self.assertEqual(hcm["tracing"]["random_sampling"], {"value": 1.0})
+        self.assertTrue(hcm["tracing"]["spawn_upstream_span"])
+        provider = hcm["tracing"]["provider"]["typed_config"]
+        self.assertEqual(provider["grpc_service"]["envoy_grpc"]["cluster_name"], OTLP_SINK_CLUSTER)
+        sink = b["static_resources"]["clusters"][-1]
+        self.assertEqual(sink["name"], OTLP_SINK_CLUSTER)
+        address = sink["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        self.assertEqual(address["socket_address"], {"address": "127.0.0.1", "port_value": 4317})
+        with self.assertRaises(ValueError):
+            envoy_otel_tracing(1.0)({"static_resources": {}}, {"otlp_sink": "127.0.0.1:1"})
+
+    def test_tracing_workload(self) -> None:
+        w = {w.name: w for w in WORKLOADS}["tracing-1pct"]
+        self.assertTrue(w.trace_sink)
+        self.assertEqual(w.baseline, "http1")
+        self.assertEqual(
+            w.proxy_args["sluice"],
+            ["--otlp-endpoint", "http://{otlp_sink}", "--trace-sampling", "0.01"],
+        )
+
+    def test_baseline_section(self) -> None:
+        def row(workload: str, proxy: str, rps: float, spans: int | None) -> Row:
+            r = Round(index=1, ok=True, rps=rps, p99_ms=2.0, cpu_per_10k=1.0,
+                      proxied_requests=10_000, trace_spans=spans)  # fmt: skip
+            return Row(workload=workload, proxy=proxy, rounds=[r])
+
+        table = {
+            "http1": {"sluice": row("http1", "sluice", 20_000, None)},
+            "tracing-1pct": {
+                "sluice": row("tracing-1pct", "sluice", 19_000, 200),
+                "envoy": row("tracing-1pct", "envoy", 9_000, 200),
+            },
+        }
+        workloads = [{"name": "http1"}, {"name": "tracing-1pct", "baseline": "http1"}]
+        text = "\n".join(report.baseline_section(workloads, table))
+        self.assertIn("| tracing-1pct | http1 | sluice | 19,000 vs 20,000 (0.95×) |", text)
+        self.assertIn("| 2.00 |", text)
+        self.assertNotIn("| envoy |", text)  # no http1 row for envoy
+        self.assertEqual(report.baseline_section(workloads[1:], {"tracing-1pct": table["tracing-1pct"]}), [])
 
 
 if __name__ == "__main__":
