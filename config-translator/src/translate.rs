@@ -80,7 +80,7 @@ struct Cec {
     default_protocol: Vec<String>,
     backend_services: Vec<(String, Vec<String>)>,
     /// Raw JSON of each named resource, for telling identical duplicates from conflicts.
-    raw: HashMap<String, Value>,
+    raw: HashMap<String, String>,
     refs: Refs,
     sink: Sink,
 }
@@ -470,7 +470,9 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
         if let Some(prev) = names.insert((kind, name.clone()), path.to_string()) {
             cx.sink.error(path.as_str(), format!("duplicate {kind} name {name:?} (also at {prev})"));
         }
-        out.raw.insert(format!("{kind}:{name}"), v.clone());
+        // Compact text, not a clone of the tree: a 10,000-route configuration is ~30 MiB as a
+        // tree and ~2 MiB as text, and text is all the conflict check compares.
+        out.raw.insert(format!("{kind}:{name}"), v.to_string());
     }
     spec.finish(cx.sink);
     out.refs = cx.refs;
@@ -517,14 +519,14 @@ fn decode_cec(doc: &Document, kind: DocKind, scope: &Scope) -> Cec {
 /// The same name defined by two CECs: identical definitions are fine (Cilium shares them),
 /// different ones reject the CEC that comes later in name order.
 fn check_conflicts(cecs: &mut [Cec]) {
-    let mut owners: HashMap<String, (usize, Value)> = HashMap::new();
+    let mut owners: HashMap<String, (usize, String)> = HashMap::new();
     let mut addr_owner: HashMap<SocketAddr, (usize, String)> = HashMap::new();
     for i in 0..cecs.len() {
         if cecs[i].rejected() {
             continue;
         }
         let mut errs = Vec::new();
-        let mut keys: Vec<(&String, &Value)> = cecs[i].raw.iter().collect();
+        let mut keys: Vec<(&String, &String)> = cecs[i].raw.iter().collect();
         keys.sort_by(|a, b| a.0.cmp(b.0));
         for (key, raw) in keys {
             if let Some((j, other)) = owners.get(key) {

@@ -226,9 +226,11 @@ pub struct RouteStats {
     rq_time: Histogram,
 }
 
+/// A route's statistics, created on first use. Labels are not kept here: a table of 10,000
+/// routes would hold 20,000 strings for the few routes that ever see traffic.
 struct RouteSlot {
-    vhost: String,
-    route: String,
+    vhost: Arc<str>,
+    index: u32,
     stats: OnceLock<Arc<RouteStats>>,
 }
 
@@ -272,15 +274,16 @@ impl HcmObs {
             slot.stats
                 .get_or_init(|| {
                     let prefix = self.hcm.stat_prefix.as_str();
+                    let vhost = &*slot.vhost;
+                    let label = route_label(route, slot.index as usize);
                     if let Ok(mut c) = self.families.created.lock() {
-                        c.insert([prefix.to_string(), slot.vhost.clone(), slot.route.clone()]);
+                        c.insert([prefix.to_string(), vhost.to_string(), label.clone()]);
                     }
-                    let labels = |class: &str| {
-                        self.families.route_rq.with_label_values(&[prefix, &slot.vhost, &slot.route, class])
-                    };
+                    let labels =
+                        |class: &str| self.families.route_rq.with_label_values(&[prefix, vhost, &label, class]);
                     Arc::new(RouteStats {
                         rq_xx: CLASSES.map(labels),
-                        rq_time: self.families.route_time.with_label_values(&[prefix, &slot.vhost, &slot.route]),
+                        rq_time: self.families.route_time.with_label_values(&[prefix, vhost, &label]),
                     })
                 })
                 .clone(),
@@ -564,13 +567,17 @@ impl Stats {
             }
             self.clusters.store(Arc::new(kept));
         }
-        let live_routes: HashSet<[&str; 3]> = hcms
-            .values()
-            .flat_map(|b| b.routes.values().map(|r| [b.hcm.stat_prefix.as_str(), r.vhost.as_str(), r.route.as_str()]))
-            .collect();
+        let mut live_routes: HashSet<[String; 3]> = HashSet::new();
+        for b in hcms.values() {
+            for vh in b.hcm.route_config.iter().flat_map(|rc| &rc.virtual_hosts) {
+                for (i, r) in vh.routes.iter().enumerate() {
+                    live_routes.insert([b.hcm.stat_prefix.clone(), vh.name.clone(), route_label(r, i)]);
+                }
+            }
+        }
         if let Ok(mut created) = self.route_families.created.lock() {
             created.retain(|[p, v, r]| {
-                if live_routes.contains(&[p.as_str(), v.as_str(), r.as_str()]) {
+                if live_routes.contains(&[p.clone(), v.clone(), r.clone()]) {
                     return true;
                 }
                 for class in CLASSES {
@@ -595,11 +602,10 @@ impl Stats {
         let mut routes = PtrMap::default();
         if let Some(rc) = &h.route_config {
             for vh in &rc.virtual_hosts {
+                let vhost: Arc<str> = Arc::from(vh.name.as_str());
                 for (i, r) in vh.routes.iter().enumerate() {
-                    routes.insert(
-                        r as *const Route as usize,
-                        RouteSlot { vhost: vh.name.clone(), route: route_label(r, i), stats: OnceLock::new() },
-                    );
+                    let slot = RouteSlot { vhost: vhost.clone(), index: i as u32, stats: OnceLock::new() };
+                    routes.insert(r as *const Route as usize, slot);
                 }
             }
         }
