@@ -102,11 +102,14 @@ struct Backends {
 }
 
 async fn backends() -> Backends {
-    let api = Backend::start_with(
-        "api",
-        Arc::new(|req, _| if req.uri().path().starts_with("/grpc.") { Reply::Respond(grpc_ok()) } else { Reply::Echo }),
-    )
-    .await;
+    let api =
+        Backend::start_with(
+            "api",
+            Arc::new(|req, _| {
+                if req.uri().path().starts_with("/grpc.") { Reply::RespondAfterBody(grpc_ok()) } else { Reply::Echo }
+            }),
+        )
+        .await;
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
     // Fails its first request with 503, then echoes.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice_config::envoy_export::{Dropped, ExportError, ExportOptions, envoy_bootstrap, envoy_export};
 use sluice_config::model::SourceState;
-use sluice_config::{DocKind, Document, Options, Translation, parse_documents, translate};
+use sluice_config::{DocKind, Document, Options, StoredDocument, Translation, parse_documents, translate};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -441,7 +441,7 @@ spec:
 "#,
     );
     let mut t = translate(&[], &Options::default());
-    t.accepted.insert("ns1/wrapped".into(), wrapped[0].clone());
+    t.accepted.insert("ns1/wrapped".into(), StoredDocument::new(&wrapped[0]));
     let err = envoy_bootstrap(&wrapped, &t, &export_opts()).unwrap_err();
     match &err {
         ExportError::Unsupported { cec, path, message } => {
@@ -471,8 +471,8 @@ spec:
 "#,
     );
     let mut t = translate(&[], &Options::default());
-    t.accepted.insert("ns1/a".into(), two[0].clone());
-    t.accepted.insert("ns1/b".into(), two[1].clone());
+    t.accepted.insert("ns1/a".into(), StoredDocument::new(&two[0]));
+    t.accepted.insert("ns1/b".into(), StoredDocument::new(&two[1]));
     let err = envoy_bootstrap(&two, &t, &export_opts()).unwrap_err();
     assert_eq!(
         err,

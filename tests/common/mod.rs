@@ -165,6 +165,8 @@ pub enum Reply {
     /// Answer with the JSON echo.
     Echo,
     Respond(Response<Full<Bytes>>),
+    /// Read the whole request body first, as a real (gRPC) server does, then answer.
+    RespondAfterBody(Response<Full<Bytes>>),
     /// Wait, then echo.
     Delay(Duration),
 }
@@ -205,6 +207,10 @@ impl Backend {
                                 async move {
                                     match reply {
                                         Reply::Respond(r) => return Ok::<_, Infallible>(r),
+                                        Reply::RespondAfterBody(r) => {
+                                            let _ = req.into_body().collect().await;
+                                            return Ok(r);
+                                        }
                                         Reply::Delay(d) => tokio::time::sleep(d).await,
                                         Reply::Echo => {}
                                     }

@@ -140,10 +140,11 @@ impl<F: Future> Future for BeforeResponse<F> {
 }
 
 /// A request or response body that touches its stream's clock on every frame; a response
-/// body also fails the stream when a timer expires while it waits.
+/// body also fails the stream when a timer expires while it waits, and keeps the stream
+/// counted as active on its connection until it is done.
 pub struct ClockedBody {
     inner: Body,
-    clock: Arc<StreamClock>,
+    clock: Option<Arc<StreamClock>>,
     /// Armed only for response bodies.
     sleep: Option<Pin<Box<Sleep>>>,
     enforce: bool,
@@ -154,18 +155,14 @@ impl ClockedBody {
     /// A request body: it only feeds the clock (the connection manager enforces the timers
     /// until the response starts).
     pub fn request(inner: Body, clock: Arc<StreamClock>) -> Body {
-        crate::body::boxed(ClockedBody { inner, clock, sleep: None, enforce: false, _active: None })
+        crate::body::boxed(ClockedBody { inner, clock: Some(clock), sleep: None, enforce: false, _active: None })
     }
 
-    /// A response body: it feeds the clock, enforces the timers, and keeps the stream counted
-    /// as active on its connection until it is done.
+    /// A response body: it feeds the clock and enforces the timers (when there are any), and
+    /// holds the stream's place among its connection's active streams.
     pub fn response(inner: Body, clock: Option<Arc<StreamClock>>, active: ActiveStream) -> Body {
-        match clock {
-            Some(clock) => {
-                crate::body::boxed(ClockedBody { inner, clock, sleep: None, enforce: true, _active: Some(active) })
-            }
-            None => crate::body::boxed(Counted { inner, _active: active }),
-        }
+        let enforce = clock.is_some();
+        crate::body::boxed(ClockedBody { inner, clock, sleep: None, enforce, _active: Some(active) })
     }
 }
 
@@ -178,12 +175,13 @@ impl http_body::Body for ClockedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        let Some(clock) = &this.clock else { return Pin::new(&mut this.inner).poll_frame(cx) };
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.clock.touch();
+                clock.touch();
                 Poll::Ready(frame)
             }
-            Poll::Pending if this.enforce => match this.clock.poll_expired(&mut this.sleep, cx) {
+            Poll::Pending if this.enforce => match clock.poll_expired(&mut this.sleep, cx) {
                 Poll::Ready(reason) => {
                     tracing::debug!("response stream ended by {}", reason.flag());
                     this.enforce = false;
@@ -193,32 +191,6 @@ impl http_body::Body for ClockedBody {
             },
             Poll::Pending => Poll::Pending,
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that only keeps its stream counted as active.
-struct Counted {
-    inner: Body,
-    _active: ActiveStream,
-}
-
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
