@@ -321,7 +321,9 @@ impl HostPool {
             });
             if let Some(slot) = slot {
                 self.take_pending(&mut pending)?;
-                return self.connect_new(host, slot).await;
+                // Boxed: connecting (TCP, TLS, HTTP/2 handshake) is the cold path and by far
+                // the largest state; inline, every request would carry and move it.
+                return Box::pin(self.connect_new(host, slot)).await;
             }
             self.take_pending(&mut pending)?;
             self.notify.notified().await;
