@@ -186,24 +186,16 @@ fn route_request(mut req: Request<Body>) -> Decision {
         } else {
             CorsDecision::NotCors
         };
-        // Redirects and direct responses are answered here.
-        match &route.action {
+        // Redirects and direct responses are answered here, with the route's response
+        // header mutations.
+        let local = match &route.action {
             RouteAction::Redirect(r) => {
                 let (status, location) =
                     route::redirect_location(r, &route.matcher.path, route.matcher.case_sensitive, &view);
                 let mut resp = Response::new(body::empty());
                 *resp.status_mut() = status;
                 resp.headers_mut().insert(header::LOCATION, location);
-                resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
-                let pseudo = PseudoHeaders {
-                    method: view.method.as_str(),
-                    authority: &authority,
-                    path: &path,
-                    scheme: ctx.scheme,
-                };
-                let tctx = template_ctx(&ctx, Some(req.headers()), pseudo);
-                route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
-                return Decision::Reply(resp);
+                Some(resp)
             }
             RouteAction::DirectResponse(d) => {
                 let mut resp = match &d.body {
@@ -218,18 +210,17 @@ fn route_request(mut req: Request<Body>) -> Decision {
                 if let Some(loc) = route::direct_response_location(d.status, &view) {
                     resp.headers_mut().insert(header::LOCATION, loc);
                 }
-                resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
-                let pseudo = PseudoHeaders {
-                    method: view.method.as_str(),
-                    authority: &authority,
-                    path: &path,
-                    scheme: ctx.scheme,
-                };
-                let tctx = template_ctx(&ctx, Some(req.headers()), pseudo);
-                route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
-                return Decision::Reply(resp);
+                Some(resp)
             }
-            RouteAction::Forward(_) => {}
+            RouteAction::Forward(_) => None,
+        };
+        if let Some(mut resp) = local {
+            resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
+            let pseudo =
+                PseudoHeaders { method: view.method.as_str(), authority: &authority, path: &path, scheme: ctx.scheme };
+            let tctx = template_ctx(&ctx, Some(req.headers()), pseudo);
+            route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
+            return Decision::Reply(resp);
         }
         (vhost.clone(), route_index, decision)
     };
