@@ -1341,7 +1341,7 @@ impl LoggedSluice {
         }
         let log = dir.path().join("sluice.log");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("admin address");
-        let lo = 30000 + (std::process::id() % 1000) as u16 * 20;
+        let lo = common::proxy_port_block(20);
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["run", "--config"])
             .arg(dir.path().join("config"))

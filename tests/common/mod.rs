@@ -19,6 +19,33 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+/// The first of `len` consecutive free ports for a Sluice instance's `--proxy-port-range`.
+///
+/// Each instance needs its own block: listeners bind with SO_REUSEPORT, so two instances on the
+/// same ports would silently split each other's traffic. Blocks lie below the kernel's
+/// ephemeral range, so outgoing connections of other tests never take them, and a
+/// process-wide counter keeps parallel tests of one binary apart before either has bound.
+pub fn proxy_port_block(len: u16) -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let (lo, hi) = (3000u16, ephemeral.clamp(3000 + 2 * len, 32768));
+    let blocks = usize::from((hi - lo) / len);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let seed = (std::process::id() as usize).wrapping_mul(31).wrapping_add(nanos as usize);
+    for _ in 0..blocks {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let first = lo + ((seed.wrapping_add(n.wrapping_mul(7919)) % blocks) as u16) * len;
+        // A port someone listens on (with or without SO_REUSEPORT) refuses a plain bind.
+        if (first..first + len).all(|p| StdListener::bind(("127.0.0.1", p)).is_ok()) {
+            return first;
+        }
+    }
+    panic!("no {len} consecutive free ports between {lo} and {hi}");
+}
+
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
@@ -42,15 +69,7 @@ impl Sluice {
             std::fs::write(dir.path().join(name), content).expect("write config");
         }
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        // Each instance gets its own port range: listeners bind with SO_REUSEPORT, so two
-        // instances on the same range would silently share (and split) each other's traffic.
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let seed = std::process::id() as usize * 31 + n * 7 + nanos as usize;
-        // Below the kernel's ephemeral range (32768+), so outgoing connections never take them.
-        let lo = 20000 + (seed % 600) as u16 * 20;
+        let lo = proxy_port_block(20);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
         cmd.args(["run", "--config"])
             .arg(dir.path())

@@ -459,7 +459,7 @@ impl SluiceProc {
         }
         let log = dir.path().join("sluice.log");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("admin address");
-        let lo = free_port_block(20);
+        let lo = crate::common::proxy_port_block(20);
         let place = Place { cgroup: Some(&opts.cgroup.proxy), netns: opts.netns };
         let mut cmd = command_in(place, Path::new(env!("CARGO_BIN_EXE_sluice")));
         cmd.args(["run", "--config"])
@@ -647,28 +647,6 @@ fn listening_ports(pid: u32) -> Vec<u16> {
 
 pub fn free_port() -> u16 {
     crate::common::free_port()
-}
-
-/// The first port of `len` consecutive ports that nothing listens on, below the kernel's
-/// ephemeral range: the tests' own 10,000 connections leave thousands of ephemeral ports in
-/// TIME_WAIT, and a listener cannot bind one of those.
-fn free_port_block(len: u16) -> u16 {
-    let ephemeral = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
-        .unwrap_or(32768);
-    let (lo, hi) = (3000u16, ephemeral.clamp(3000 + 2 * len, 32768));
-    let blocks = (hi - lo) / len;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let start = (std::process::id().wrapping_mul(31).wrapping_add(nanos) % u32::from(blocks)) as u16;
-    for i in 0..blocks {
-        let first = lo + ((start + i) % blocks) * len;
-        // A port someone listens on (with or without SO_REUSEPORT) refuses a plain bind.
-        if (first..first + len).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return first;
-        }
-    }
-    panic!("no {len} consecutive free ports between {lo} and {hi}");
 }
 
 /// Counter `name` of a status (`status["stats"][name]`) or of shutdown counters.
