@@ -26,19 +26,59 @@ use regex_syntax::hir::literal::{ExtractKind, Extractor};
 
 use crate::model::{HeaderMatchSpec, PathMatch, Route, StringMatchKind};
 
-/// Route indices by the exact value of one header.
-type ByValue = HashMap<Box<str>, Vec<u32>>;
+/// Route indices grouped by key. Every group is a sorted run of one shared array, so a key
+/// costs one map slot and no allocation of its own (a 10,000-route table has ~10,000 keys).
+struct Groups<K> {
+    /// Key -> (start, len) in `ids`.
+    runs: HashMap<K, (u32, u32)>,
+    ids: Box<[u32]>,
+}
+
+impl<K: std::hash::Hash + Eq + Ord> Groups<K> {
+    /// `pairs` in route order; a stable sort by key keeps each group in route order.
+    fn new(mut pairs: Vec<(K, u32)>) -> Groups<K> {
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut runs: HashMap<K, (u32, u32)> = HashMap::new();
+        let mut ids = Vec::with_capacity(pairs.len());
+        for (at, (key, id)) in pairs.into_iter().enumerate() {
+            ids.push(id);
+            // Indices fit in u32: the index is only built for tables of at most u32::MAX routes.
+            runs.entry(key).or_insert((at as u32, 0)).1 += 1;
+        }
+        runs.shrink_to_fit();
+        Groups { runs, ids: ids.into_boxed_slice() }
+    }
+
+    fn get<Q>(&self, key: &Q) -> Option<&[u32]>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let &(start, len) = self.runs.get(key)?;
+        self.ids.get(start as usize..(start + len) as usize)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.runs.keys()
+    }
+}
+
+impl<K> Default for Groups<K> {
+    fn default() -> Self {
+        Groups { runs: HashMap::new(), ids: Box::default() }
+    }
+}
 
 #[derive(Default)]
 pub struct RouteIndex {
     /// Route indices by the literal their path must start with.
-    by_prefix: HashMap<Box<[u8]>, Vec<u32>>,
+    by_prefix: Groups<Box<[u8]>>,
     /// The distinct lengths of the `by_prefix` keys, ascending: a path is looked up once per
     /// length, not once per byte.
     prefix_lens: Vec<usize>,
     /// Routes with no useful path literal that require one exact header value, by header
     /// name, then by value.
-    by_header: Vec<(Box<str>, ByValue)>,
+    by_header: Vec<(Box<str>, Groups<Box<str>>)>,
     /// Routes nothing narrows down.
     always: Vec<u32>,
     built: bool,
@@ -48,7 +88,7 @@ impl std::fmt::Debug for RouteIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RouteIndex")
             .field("built", &self.built)
-            .field("prefixes", &self.by_prefix.len())
+            .field("prefixes", &self.by_prefix.runs.len())
             .field("headers", &self.by_header.len())
             .field("always", &self.always.len())
             .finish()
@@ -72,23 +112,30 @@ impl RouteIndex {
             return idx;
         }
         idx.built = true;
+        let mut prefixes = Vec::new();
+        // (header name, (value, route) pairs), in first-seen order of the names.
+        type ByName = Vec<(Box<str>, Vec<(Box<str>, u32)>)>;
+        let mut headers: ByName = Vec::new();
         for (i, r) in routes.iter().enumerate() {
             let i = i as u32;
             match key_of(r) {
-                Key::Prefix(p) => idx.by_prefix.entry(p.into_boxed_slice()).or_default().push(i),
+                Key::Prefix(p) => prefixes.push((p.into_boxed_slice(), i)),
                 Key::Header(name, value) => {
-                    let pos = match idx.by_header.iter().position(|(n, _)| **n == *name) {
+                    let pos = match headers.iter().position(|(n, _)| **n == *name) {
                         Some(pos) => pos,
                         None => {
-                            idx.by_header.push((name.into_boxed_str(), HashMap::new()));
-                            idx.by_header.len() - 1
+                            headers.push((name.into_boxed_str(), Vec::new()));
+                            headers.len() - 1
                         }
                     };
-                    idx.by_header[pos].1.entry(value.into_boxed_str()).or_default().push(i);
+                    headers[pos].1.push((value.into_boxed_str(), i));
                 }
                 Key::Always => idx.always.push(i),
             }
         }
+        idx.by_prefix = Groups::new(prefixes);
+        idx.by_header = headers.into_iter().map(|(name, pairs)| (name, Groups::new(pairs))).collect();
+        idx.always.shrink_to_fit();
         let mut lens: Vec<usize> = idx.by_prefix.keys().map(|k| k.len()).collect();
         lens.sort_unstable();
         lens.dedup();

@@ -150,7 +150,7 @@ async fn tunnel(
         req.headers_mut().insert(http::header::HOST, v);
     }
     crate::route::apply(
-        &sluice_config::model::HeaderMutations { add: t.headers_to_add.clone(), remove: vec![] },
+        &sluice_config::model::HeaderMutations::new(t.headers_to_add.clone(), vec![]),
         req.headers_mut(),
         &ctx,
     );

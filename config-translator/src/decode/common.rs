@@ -20,7 +20,7 @@ pub fn string_matcher(cx: &mut Cx, m: Msg) -> Option<StringMatcher> {
         Some("contains") => StringMatchKind::Contains(nonempty(cx, &m, "contains")?),
         Some("safe_regex") => {
             let r = m.msg(cx.sink, "safe_regex", "RegexMatcher")?;
-            StringMatchKind::SafeRegex(regex_matcher(cx, r)?)
+            StringMatchKind::SafeRegex(Box::new(regex_matcher(cx, r)?))
         }
         _ => {
             // An empty StringMatcher matches only the empty string in Envoy (exact "").
@@ -96,7 +96,7 @@ pub fn header_matcher(cx: &mut Cx, m: Msg) -> Option<HeaderMatcher> {
         Some("contains_match") => sm(StringMatchKind::Contains(m.str(cx.sink, "contains_match")?)),
         Some("safe_regex_match") => {
             let r = m.msg(cx.sink, "safe_regex_match", "RegexMatcher")?;
-            sm(StringMatchKind::SafeRegex(regex_matcher(cx, r)?))
+            sm(StringMatchKind::SafeRegex(Box::new(regex_matcher(cx, r)?)))
         }
         Some("present_match") => HeaderMatchSpec::Present(m.bool(cx.sink, "present_match")?),
         Some("string_match") => {
@@ -123,23 +123,24 @@ pub fn header_matchers(cx: &mut Cx, m: &Msg, field: &str) -> Vec<HeaderMatcher> 
 
 /// `request_headers_to_add` & co. (`HeaderValueOption`) plus the matching `_to_remove` list.
 pub fn header_mutations(cx: &mut Cx, m: &Msg, add_field: &str, remove_field: &str) -> HeaderMutations {
-    let mut out = HeaderMutations::default();
+    let mut add = Vec::new();
     for opt in m.msgs(cx.sink, add_field, "HeaderValueOption") {
-        if let Some(add) = header_value_option(cx, opt) {
-            out.add.push(add);
+        if let Some(a) = header_value_option(cx, opt) {
+            add.push(a);
         }
     }
+    let mut remove = Vec::new();
     for (v, path) in m.list(cx.sink, remove_field) {
         match v.as_str() {
             Some(name) => {
                 if let Some(n) = header_name(cx, &path, name) {
-                    out.remove.push(n);
+                    remove.push(n);
                 }
             }
             None => cx.sink.error(path.as_str(), format!("expected a header name, found {}", kind(v))),
         }
     }
-    out
+    HeaderMutations::new(add, remove)
 }
 
 pub fn header_value_option(cx: &mut Cx, opt: Msg) -> Option<HeaderAdd> {

@@ -113,7 +113,7 @@ impl PostProcess {
 fn response_needs_request_headers(routed: &Routed) -> bool {
     use sluice_config::model::{HeaderMutations, TemplatePart};
     let uses = |m: &HeaderMutations| {
-        m.add.iter().any(|a| a.value.parts.iter().any(|p| matches!(p, TemplatePart::RequestHeader(_))))
+        m.add().iter().any(|a| a.value.parts.iter().any(|p| matches!(p, TemplatePart::RequestHeader(_))))
     };
     uses(&routed.route_config.response_headers)
         || uses(&routed.vhost.response_headers)

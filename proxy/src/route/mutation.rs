@@ -31,15 +31,15 @@ use super::template::{TemplateContext, render};
 /// literal values, because the model stores names and values as `String`s. One small vector
 /// holds the pending additions of a level.
 pub fn apply(mutations: &HeaderMutations, headers: &mut HeaderMap, ctx: &TemplateContext<'_>) {
-    for name in &mutations.remove {
+    for name in mutations.remove() {
         headers.remove(name.as_str());
     }
-    if mutations.add.is_empty() {
+    if mutations.add().is_empty() {
         return;
     }
     // (name, value, overwrite)
-    let mut pending: Vec<(HeaderName, HeaderValue, bool)> = Vec::with_capacity(mutations.add.len());
-    for add in &mutations.add {
+    let mut pending: Vec<(HeaderName, HeaderValue, bool)> = Vec::with_capacity(mutations.add().len());
+    for add in mutations.add() {
         let value = render(&add.value, ctx, headers);
         if value.is_empty() && !add.keep_empty_value {
             continue;
@@ -171,7 +171,7 @@ mod tests {
     fn each_append_action() {
         let run = |action| {
             let mut h = start();
-            let m = HeaderMutations { add: vec![add("x-a", "new", action), add("x-b", "new", action)], remove: vec![] };
+            let m = HeaderMutations::new(vec![add("x-a", "new", action), add("x-b", "new", action)], vec![]);
             apply(&m, &mut h, &ctx());
             (values(&h, "x-a"), values(&h, "x-b"))
         };
@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn removals_come_before_additions_in_a_level() {
         let mut h = start();
-        let m = HeaderMutations { add: vec![add("x-a", "new", AppendAction::AddIfAbsent)], remove: vec!["x-a".into()] };
+        let m = HeaderMutations::new(vec![add("x-a", "new", AppendAction::AddIfAbsent)], vec!["x-a".into()]);
         apply(&m, &mut h, &ctx());
         assert_eq!(values(&h, "x-a"), ["new"], "removed, then absent, so added");
     }
@@ -195,10 +195,10 @@ mod tests {
     #[test]
     fn conditions_and_values_see_the_headers_before_this_levels_additions() {
         let mut h = HeaderMap::new();
-        let m = HeaderMutations {
-            add: vec![add("x-n", "1", AppendAction::AppendIfExistsOrAdd), add("x-n", "2", AppendAction::AddIfAbsent)],
-            remove: vec![],
-        };
+        let m = HeaderMutations::new(
+            vec![add("x-n", "1", AppendAction::AppendIfExistsOrAdd), add("x-n", "2", AppendAction::AddIfAbsent)],
+            vec![],
+        );
         apply(&m, &mut h, &ctx());
         assert_eq!(values(&h, "x-n"), ["1", "2"], "x-n was absent when both were evaluated");
 
@@ -211,10 +211,7 @@ mod tests {
             action: AppendAction::AppendIfExistsOrAdd,
             keep_empty_value: false,
         };
-        let m = HeaderMutations {
-            add: vec![add("x-src", "after", AppendAction::OverwriteIfExistsOrAdd), copy],
-            remove: vec![],
-        };
+        let m = HeaderMutations::new(vec![add("x-src", "after", AppendAction::OverwriteIfExistsOrAdd), copy], vec![]);
         apply(&m, &mut h, &ctx());
         assert_eq!(values(&h, "x-src"), ["after"]);
         assert_eq!(values(&h, "x-copy"), ["before"]);
@@ -223,13 +220,13 @@ mod tests {
     #[test]
     fn overwrites_are_applied_before_appends() {
         let mut h = start();
-        let m = HeaderMutations {
-            add: vec![
+        let m = HeaderMutations::new(
+            vec![
                 add("x-a", "appended", AppendAction::AppendIfExistsOrAdd),
                 add("x-a", "over", AppendAction::OverwriteIfExistsOrAdd),
             ],
-            remove: vec![],
-        };
+            vec![],
+        );
         apply(&m, &mut h, &ctx());
         assert_eq!(values(&h, "x-a"), ["over", "appended"]);
     }
@@ -239,8 +236,7 @@ mod tests {
         let mut h = start();
         let mut keep = add("x-keep", "", AppendAction::AppendIfExistsOrAdd);
         keep.keep_empty_value = true;
-        let m =
-            HeaderMutations { add: vec![add("x-a", "", AppendAction::OverwriteIfExistsOrAdd), keep], remove: vec![] };
+        let m = HeaderMutations::new(vec![add("x-a", "", AppendAction::OverwriteIfExistsOrAdd), keep], vec![]);
         apply(&m, &mut h, &ctx());
         assert_eq!(values(&h, "x-a"), ["old1", "old2"], "an empty overwrite is skipped, not a removal");
         assert_eq!(values(&h, "x-keep"), [""]);
@@ -252,15 +248,14 @@ mod tests {
             action: AppendAction::AppendIfExistsOrAdd,
             keep_empty_value: false,
         };
-        apply(&HeaderMutations { add: vec![up], remove: vec![] }, &mut h, &ctx());
+        apply(&HeaderMutations::new(vec![up], vec![]), &mut h, &ctx());
         assert!(!h.contains_key("x-up"));
     }
 
     #[test]
     fn invalid_values_are_skipped_not_panicking() {
         let mut h = HeaderMap::new();
-        let m =
-            HeaderMutations { add: vec![add("x-bad", "a\u{1}b", AppendAction::AppendIfExistsOrAdd)], remove: vec![] };
+        let m = HeaderMutations::new(vec![add("x-bad", "a\u{1}b", AppendAction::AppendIfExistsOrAdd)], vec![]);
         apply(&m, &mut h, &ctx());
         assert!(!h.contains_key("x-bad"));
     }
