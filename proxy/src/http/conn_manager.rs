@@ -26,6 +26,10 @@ use super::local_reply::{LocalReason, is_grpc, local_reply};
 use super::stream_timers::{BeforeResponse, ClockedBody, StreamClock};
 use crate::body::Body;
 use crate::control::SnapshotHub;
+use crate::http::header_names::{
+    GRPC_STATUS, X_ENVOY_EXTERNAL_ADDRESS, X_ENVOY_INTERNAL, X_FORWARDED_CLIENT_CERT, X_FORWARDED_FOR,
+    X_FORWARDED_PROTO, X_REQUEST_ID,
+};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward.
 pub const HOP_BY_HOP: [&str; 6] =
@@ -135,7 +139,7 @@ where
             ex
         });
         let request_id =
-            if hcm.always_set_request_id_in_response { req.headers().get("x-request-id").cloned() } else { None };
+            if hcm.always_set_request_id_in_response { req.headers().get(X_REQUEST_ID).cloned() } else { None };
         let request_timeout = hcm.request_timeout;
         let clock = ctx.clock.clone();
         if let Some(clock) = &clock
@@ -223,7 +227,7 @@ pub fn prepare(
     // x-forwarded-proto: the edge (use_remote_address) sets it from the connection; behind a
     // trusted hop it is preserved when present.
     let conn_scheme = if conn.tls.is_some() { "https" } else { "http" };
-    let scheme = match req.headers().get("x-forwarded-proto").and_then(|v| v.to_str().ok()) {
+    let scheme = match req.headers().get(X_FORWARDED_PROTO).and_then(|v| v.to_str().ok()) {
         Some(p) if !hcm.use_remote_address => {
             if p.eq_ignore_ascii_case("https") {
                 "https"
@@ -232,17 +236,17 @@ pub fn prepare(
             }
         }
         _ => {
-            req.headers_mut().insert("x-forwarded-proto", HeaderValue::from_static(conn_scheme));
+            req.headers_mut().insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn_scheme));
             conn_scheme
         }
     };
 
     // x-request-id.
     if hcm.generate_request_id {
-        let present = req.headers().contains_key("x-request-id");
+        let present = req.headers().contains_key(X_REQUEST_ID);
         let external_edge = hcm.use_remote_address && !internal;
         if !present || (external_edge && !hcm.preserve_external_request_id) {
-            req.headers_mut().insert("x-request-id", new_request_id());
+            req.headers_mut().insert(X_REQUEST_ID, new_request_id());
         }
     }
 
@@ -292,7 +296,7 @@ pub fn finish_response(resp: &mut Response<Body>, hcm: &HttpConnectionManager, r
         ServerHeaderTransformation::PassThrough => {}
     }
     if let Some(id) = request_id {
-        resp.headers_mut().insert("x-request-id", id);
+        resp.headers_mut().insert(X_REQUEST_ID, id);
     }
     if let Some(via) = &hcm.via
         && let Ok(v) = HeaderValue::from_str(via)
@@ -416,10 +420,10 @@ const EDGE_HEADERS: [&str; 5] = [
 /// `x-forwarded-client-cert` (Envoy's default `forward_client_cert_details: SANITIZE`; the
 /// translator refuses the other modes).
 fn sanitize(h: &mut http::HeaderMap, internal: bool, edge: bool, client: IpAddr) {
-    h.remove("x-envoy-internal");
-    h.remove("x-forwarded-client-cert");
+    h.remove(X_ENVOY_INTERNAL);
+    h.remove(X_FORWARDED_CLIENT_CERT);
     if internal {
-        h.insert("x-envoy-internal", HeaderValue::from_static("true"));
+        h.insert(X_ENVOY_INTERNAL, HeaderValue::from_static("true"));
         return;
     }
     for name in CONTROL_HEADERS {
@@ -430,7 +434,7 @@ fn sanitize(h: &mut http::HeaderMap, internal: bool, edge: bool, client: IpAddr)
             h.remove(name);
         }
         if let Ok(v) = HeaderValue::from_str(&sluice_config::model::canonical_ip(client).to_string()) {
-            h.insert("x-envoy-external-address", v);
+            h.insert(X_ENVOY_EXTERNAL_ADDRESS, v);
         }
     }
 }
@@ -449,7 +453,7 @@ fn join_repeated(h: &mut http::HeaderMap, name: &'static str) {
 /// `xff_num_trusted_hops` from the right (falling back to the peer).
 fn client_address(h: &http::HeaderMap, peer: IpAddr, hcm: &HttpConnectionManager) -> IpAddr {
     let xff: Vec<IpAddr> = h
-        .get_all("x-forwarded-for")
+        .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
@@ -469,13 +473,13 @@ fn client_address(h: &http::HeaderMap, peer: IpAddr, hcm: &HttpConnectionManager
 
 fn append_xff(h: &mut http::HeaderMap, ip: IpAddr) {
     let ip = sluice_config::model::canonical_ip(ip);
-    let new = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let new = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => format!("{prev},{ip}"),
         _ => ip.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&new) {
-        h.remove("x-forwarded-for");
-        h.insert("x-forwarded-for", v);
+        h.remove(X_FORWARDED_FOR);
+        h.insert(X_FORWARDED_FOR, v);
     }
 }
 
@@ -941,14 +945,14 @@ fn server_span_attributes(req: &Request<Body>, ctx: &RequestCtx) -> Vec<opentele
     if let Some(ua) = h.get(header::USER_AGENT).and_then(|v| v.to_str().ok()) {
         a.push(KeyValue::new("user_agent.original", ua.to_string()));
     }
-    if let Some(id) = h.get("x-request-id").and_then(|v| v.to_str().ok()) {
+    if let Some(id) = h.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         a.push(KeyValue::new("guid:x-request-id", id.to_string()));
     }
     a
 }
 
 fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
-    h.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok())
+    h.get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok())
 }
 
 /// Counts gRPC messages in a body: each is a 5-byte prefix (flag, big-endian length) and

@@ -22,6 +22,7 @@ use super::local_reply::{LocalReason, local_reply};
 use super::replay::ReplayBody;
 use super::retry::{self, Attempt};
 use crate::body::{self, Body};
+use crate::http::header_names::{GRPC_TIMEOUT, X_ENVOY_ATTEMPT_COUNT, X_ENVOY_EXPECTED_RQ_TIMEOUT_MS};
 use crate::metrics::ClusterMetrics;
 use crate::runtime::Worker;
 use crate::upstream::{LbContext, Outcome, UpstreamError};
@@ -164,11 +165,11 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
                 (p, g) => p.or(g),
             };
             if let Some(t) = expected {
-                req.headers_mut().insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
+                req.headers_mut().insert(X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, HeaderValue::from(t.as_millis() as u64));
             }
         }
         if attempt_no > 1 && routed.vhost.include_request_attempt_count {
-            req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(attempt_no));
+            req.headers_mut().insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt_no));
         }
         // One client span per attempt, so retries show in the trace; the upstream joins it.
         let mut span = trace.map(|t| {
@@ -271,7 +272,7 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
                 let done = AttemptDone { start: attempt_start, metrics: metrics.clone(), span };
                 let mut resp = r.map(|b| body::boxed(GuardedBody { inner: b, _guard: req_guard, done: Some(done) }));
                 if routed.vhost.include_attempt_count_in_response {
-                    resp.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(attempt_no));
+                    resp.headers_mut().insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt_no));
                 }
                 resp
             }
@@ -370,7 +371,7 @@ fn error_reply(e: &UpstreamError, grpc: bool) -> Response<Body> {
 /// (0 = no cap) and reduced by the offset.
 pub fn effective_timeout(action: &ForwardAction, headers: &http::HeaderMap, grpc: bool) -> Option<Duration> {
     if grpc && let Some(max) = action.grpc_timeout_header_max {
-        let header = headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let header = headers.get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         return match header {
             Some(t) => {
                 let capped = if max.is_zero() { t } else { t.min(max) };

@@ -62,6 +62,7 @@ pub use call::{GrpcCall, grpc_status};
 use super::ctx::RequestCtx;
 use super::local_reply::{self, LocalReason};
 use crate::body::{self as bodies, Body};
+use crate::http::header_names::{GRPC_ACCEPT_ENCODING, GRPC_MESSAGE, GRPC_STATUS};
 
 const GRPC: &str = "application/grpc";
 const GRPC_WEB: &str = "application/grpc-web";
@@ -193,8 +194,8 @@ impl WebExchange {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(GRPC));
         let text_response = h.get(header::ACCEPT).is_some_and(|a| a == GRPC_WEB_TEXT || a == GRPC_WEB_TEXT_PROTO);
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        if !h.contains_key("grpc-accept-encoding") {
-            h.insert("grpc-accept-encoding", HeaderValue::from_static(DEFAULT_ACCEPT_ENCODING));
+        if !h.contains_key(GRPC_ACCEPT_ENCODING) {
+            h.insert(GRPC_ACCEPT_ENCODING, HeaderValue::from_static(DEFAULT_ACCEPT_ENCODING));
         }
         let body = std::mem::replace(req.body_mut(), bodies::empty());
         let (body, decode_failure) = if text_request {
@@ -239,9 +240,9 @@ async fn web_response(resp: Response<Body>, text: bool, call: Option<GrpcCall>) 
     if transform {
         let message = leading_bytes(body, MAX_MESSAGE_BODY).await;
         let status = local_reply::grpc_status_for(parts.status);
-        parts.headers.insert("grpc-status", HeaderValue::from(status));
+        parts.headers.insert(GRPC_STATUS, HeaderValue::from(status));
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&message)) {
-            parts.headers.insert("grpc-message", v);
+            parts.headers.insert(GRPC_MESSAGE, v);
         }
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
         return Response::from_parts(parts, bodies::empty());
@@ -253,7 +254,7 @@ async fn web_response(resp: Response<Body>, text: bool, call: Option<GrpcCall>) 
 /// `grpc-status`, or a 200 with a gRPC `content-type`.
 fn is_grpc_response(parts: &http::response::Parts, end_stream: bool) -> bool {
     if end_stream {
-        return parts.headers.contains_key("grpc-status");
+        return parts.headers.contains_key(GRPC_STATUS);
     }
     parts.status == StatusCode::OK && matches!(classify(&parts.headers), Some(Kind::Grpc))
 }

@@ -5,6 +5,7 @@
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{self, Body};
+use crate::http::header_names::{GRPC_MESSAGE, GRPC_STATUS, X_ENVOY_OVERLOADED};
 
 /// Why a request was answered locally; maps to Envoy's response flags for access logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,12 +134,12 @@ pub fn reply(reason: LocalReason, status: StatusCode, text: &str, grpc: bool) ->
         *r.status_mut() = StatusCode::OK;
         let h = r.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        h.insert("grpc-status", HeaderValue::from(grpc_status_for(status)));
+        h.insert(GRPC_STATUS, HeaderValue::from(grpc_status_for(status)));
         // Like Envoy, a reply without text carries no grpc-message.
         if !text.is_empty()
             && let Ok(v) = HeaderValue::from_str(&percent_encode_grpc_message(text))
         {
-            h.insert("grpc-message", v);
+            h.insert(GRPC_MESSAGE, v);
         }
         r
     } else {
@@ -153,7 +154,7 @@ pub fn reply(reason: LocalReason, status: StatusCode, text: &str, grpc: bool) ->
         r
     };
     if reason == LocalReason::Overflow {
-        resp.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        resp.headers_mut().insert(X_ENVOY_OVERLOADED, HeaderValue::from_static("true"));
     }
     resp.extensions_mut().insert(LocalReply(reason));
     resp

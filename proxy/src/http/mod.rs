@@ -4,6 +4,7 @@ pub mod conn_manager;
 pub mod ctx;
 pub mod forward;
 pub mod grpc_web;
+pub mod header_names;
 pub mod local_reply;
 pub mod replay;
 pub mod retry;

@@ -18,6 +18,9 @@ use tower::{Layer, Service};
 use super::ctx::{RequestCtx, Routed};
 use super::local_reply::{LocalReason, LocalReply, local_reply};
 use crate::body::{self, Body};
+use crate::http::header_names::{
+    X_ENVOY_ATTEMPT_COUNT, X_ENVOY_ORIGINAL_HOST, X_ENVOY_ORIGINAL_PATH, X_ENVOY_UPSTREAM_SERVICE_TIME,
+};
 use crate::route::{self, CorsDecision, PseudoHeaders, RequestView, Selection, TemplateContext};
 
 #[derive(Clone, Default)]
@@ -104,7 +107,7 @@ impl PostProcess {
         }
         if !local && !suppress_envoy_headers(&ctx) {
             let ms = ctx.start.elapsed().as_millis();
-            resp.headers_mut().insert("x-envoy-upstream-service-time", HeaderValue::from(ms as u64));
+            resp.headers_mut().insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(ms as u64));
         }
     }
 }
@@ -286,18 +289,18 @@ fn route_request(mut req: Request<Body>) -> Decision {
         && let Some(before) = req.headers_mut().insert(header::HOST, v)
         && !suppress_envoy_headers(&ctx)
     {
-        req.headers_mut().insert("x-envoy-original-host", before);
+        req.headers_mut().insert(X_ENVOY_ORIGINAL_HOST, before);
     }
     if let Some(new_path) = route::rewrite_path(action, &route.matcher.path, route.matcher.case_sensitive, &path)
         && let Ok(uri) = Uri::try_from(new_path.as_str())
     {
         if let Ok(v) = HeaderValue::from_str(&path) {
-            req.headers_mut().insert("x-envoy-original-path", v);
+            req.headers_mut().insert(X_ENVOY_ORIGINAL_PATH, v);
         }
         *req.uri_mut() = uri;
     }
     if vhost.include_request_attempt_count {
-        req.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from_static("1"));
+        req.headers_mut().insert(X_ENVOY_ATTEMPT_COUNT, HeaderValue::from_static("1"));
     }
     req.extensions_mut().insert(routed.clone());
     Decision::Forward(

@@ -31,6 +31,7 @@ use sluice_config::model::{CorsPolicy, StringMatcher};
 
 use super::matching::string_matches;
 use super::{RequestView, per_million};
+use crate::http::header_names::ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK;
 
 /// What the CORS filter does with a request.
 #[derive(Debug)]
@@ -137,7 +138,7 @@ pub fn cors(route: Option<&CorsPolicy>, vhost: Option<&CorsPolicy>, req: &Reques
         h.insert(header::ACCESS_CONTROL_MAX_AGE, v);
     }
     if policies.allow_private_network_access()
-        && req.headers.get("access-control-request-private-network").is_some_and(|v| v.as_bytes() == b"true")
+        && req.headers.get(ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK).is_some_and(|v| v.as_bytes() == b"true")
     {
         h.insert(HeaderName::from_static("access-control-allow-private-network"), HeaderValue::from_static("true"));
     }

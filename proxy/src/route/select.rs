@@ -18,6 +18,7 @@ use sluice_config::model::{PathMatch, RequireTls, Route, RouteConfig, VirtualHos
 use super::matching::{header_matches, is_grpc, path_matches, query_matches};
 use super::redirect::require_tls_location;
 use super::{RequestView, per_million};
+use crate::http::header_names::X_ENVOY_INTERNAL;
 
 /// The outcome of routing a request that found a virtual host.
 #[derive(Debug)]
@@ -147,7 +148,7 @@ pub(crate) fn requires_tls_redirect(vhost: &VirtualHost, req: &RequestView<'_>) 
         RequireTls::None => false,
         RequireTls::All => req.scheme != "https",
         RequireTls::ExternalOnly => {
-            req.scheme != "https" && req.headers.get("x-envoy-internal").is_none_or(|v| v.as_bytes() != b"true")
+            req.scheme != "https" && req.headers.get(X_ENVOY_INTERNAL).is_none_or(|v| v.as_bytes() != b"true")
         }
     }
 }

@@ -8,6 +8,9 @@
 
 use std::str::FromStr;
 
+use crate::http::header_names::{
+    B3, TRACEPARENT, TRACESTATE, X_B3_PARENTSPANID, X_B3_SAMPLED, X_B3_SPANID, X_B3_TRACEID,
+};
 use http::HeaderMap;
 use http::header::HeaderValue;
 use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
@@ -28,13 +31,13 @@ impl Incoming {
 
 /// Reads the trace context of a request: W3C first, then B3.
 pub fn extract(headers: &HeaderMap) -> Incoming {
-    if let Some(tp) = headers.get("traceparent") {
+    if let Some(tp) = headers.get(TRACEPARENT) {
         // An invalid traceparent is ignored (W3C: restart the trace), and so is B3 then:
         // a caller that sent W3C headers meant them.
         return match parse_traceparent(tp.as_bytes()) {
             Some((trace_id, span_id, flags)) => {
                 let state = headers
-                    .get("tracestate")
+                    .get(TRACESTATE)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|s| TraceState::from_str(s).ok())
                     .unwrap_or_default();
@@ -44,10 +47,10 @@ pub fn extract(headers: &HeaderMap) -> Incoming {
             None => Incoming::NONE,
         };
     }
-    if let Some(b3) = headers.get("b3") {
+    if let Some(b3) = headers.get(B3) {
         return parse_b3_single(b3.as_bytes()).unwrap_or(Incoming::NONE);
     }
-    if headers.contains_key("x-b3-traceid") || headers.contains_key("x-b3-sampled") {
+    if headers.contains_key(X_B3_TRACEID) || headers.contains_key(X_B3_SAMPLED) {
         return parse_b3_multi(headers).unwrap_or(Incoming::NONE);
     }
     Incoming::NONE
@@ -201,31 +204,31 @@ pub fn traceparent(sc: &SpanContext) -> HeaderValue {
 /// B3 headers the caller sent are rewritten to name the same span, so an upstream that reads
 /// B3 joins the trace below this hop rather than beside it.
 pub fn inject(headers: &mut HeaderMap, sc: &SpanContext) {
-    headers.insert("traceparent", traceparent(sc));
+    headers.insert(TRACEPARENT, traceparent(sc));
     let state = sc.trace_state().header();
     match HeaderValue::from_str(&state) {
         Ok(v) if !state.is_empty() => {
-            headers.insert("tracestate", v);
+            headers.insert(TRACESTATE, v);
         }
         _ => {
-            headers.remove("tracestate");
+            headers.remove(TRACESTATE);
         }
     }
     let sampled = if sc.is_sampled() { "1" } else { "0" };
-    if headers.contains_key("b3")
+    if headers.contains_key(B3)
         && let Ok(v) = HeaderValue::from_str(&format!("{}-{}-{sampled}", sc.trace_id(), sc.span_id()))
     {
-        headers.insert("b3", v);
+        headers.insert(B3, v);
     }
-    if headers.contains_key("x-b3-traceid") {
+    if headers.contains_key(X_B3_TRACEID) {
         if let Ok(v) = HeaderValue::from_str(&sc.trace_id().to_string()) {
-            headers.insert("x-b3-traceid", v);
+            headers.insert(X_B3_TRACEID, v);
         }
         if let Ok(v) = HeaderValue::from_str(&sc.span_id().to_string()) {
-            headers.insert("x-b3-spanid", v);
+            headers.insert(X_B3_SPANID, v);
         }
-        headers.remove("x-b3-parentspanid");
-        headers.insert("x-b3-sampled", HeaderValue::from_static(if sc.is_sampled() { "1" } else { "0" }));
+        headers.remove(X_B3_PARENTSPANID);
+        headers.insert(X_B3_SAMPLED, HeaderValue::from_static(if sc.is_sampled() { "1" } else { "0" }));
     }
 }
 

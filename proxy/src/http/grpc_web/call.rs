@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::http::header_names::GRPC_STATUS;
 use http::HeaderMap;
 
 /// No `grpc-status` seen (yet).
@@ -77,7 +78,7 @@ impl GrpcCall {
 
 /// The `grpc-status` of a header or trailer map.
 pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok().filter(|&s| s != UNKNOWN)
+    headers.get(GRPC_STATUS)?.to_str().ok()?.trim().parse().ok().filter(|&s| s != UNKNOWN)
 }
 
 #[cfg(test)]
