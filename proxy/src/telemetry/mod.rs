@@ -93,7 +93,7 @@ impl Pipeline {
             .with_kind(kind)
             .with_attributes(attrs)
             .start_with_context(&self.tracer, parent);
-        Span { inner: span }
+        Span { inner: Box::new(span) }
     }
 }
 
@@ -298,8 +298,11 @@ impl TraceCtx {
 }
 
 /// A recording span; it ends when [`Span::end`] is called or it is dropped.
+///
+/// Boxed: request futures hold an `Option<Span>` for every request, traced or not, and the
+/// SDK's span is ~300 bytes that every untraced request would carry and move.
 pub struct Span {
-    inner: opentelemetry_sdk::trace::Span,
+    inner: Box<opentelemetry_sdk::trace::Span>,
 }
 
 impl Span {
