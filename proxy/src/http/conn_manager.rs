@@ -343,27 +343,39 @@ pub fn strip_hop_by_hop(h: &mut http::HeaderMap, keep_upgrade: bool) {
 }
 
 fn normalize_authority(req: &mut Request<Body>) -> Result<(), LocalReason> {
-    let uri_auth = req.uri().authority().map(|a| a.as_str().to_string());
-    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let authority = match (uri_auth, host) {
-        (Some(a), _) => a,
+    // The common case, an origin-form target with one readable Host header, is already
+    // normal: leave it alone rather than copy the header onto itself.
+    let single_host = {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        matches!((hosts.next().map(|v| v.to_str().is_ok()), hosts.next()), (Some(true), None))
+    };
+    if req.uri().authority().is_none() && single_host {
+        return Ok(());
+    }
+    let authority = match (req.uri().authority(), req.headers().get(header::HOST).and_then(|v| v.to_str().ok())) {
+        (Some(a), _) => a.as_str(),
         (None, Some(h)) => h,
         (None, None) => {
             if req.version() == http::Version::HTTP_10 {
-                String::new()
+                ""
             } else {
                 return Err(LocalReason::BadRequest);
             }
         }
     };
     if !authority.is_empty() {
-        let v = HeaderValue::from_str(&authority).map_err(|_| LocalReason::BadRequest)?;
+        let v = HeaderValue::from_str(authority).map_err(|_| LocalReason::BadRequest)?;
         req.headers_mut().insert(header::HOST, v);
     }
     // The URI keeps only the path and query from here on; upstream URIs are built later.
     if req.uri().authority().is_some() || req.uri().scheme().is_some() {
-        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-        *req.uri_mut() = Uri::try_from(pq).map_err(|_| LocalReason::BadRequest)?;
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = None;
+        parts.authority = None;
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| LocalReason::BadRequest)?;
     }
     Ok(())
 }

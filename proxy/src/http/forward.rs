@@ -150,7 +150,14 @@ async fn forward(worker: Arc<Worker>, req: Request<Body>) -> Response<Body> {
             Some(r) => r.clone().into_body(),
             None => once.take().filter(|_| !bodiless).unwrap_or_else(body::empty),
         };
-        let mut req = Request::from_parts(clone_parts(&parts), attempt_body);
+        // The last attempt takes the request head; earlier ones send a copy, kept for a retry.
+        // Most requests have one attempt, and cloning a header map costs several allocations.
+        let head = if attempt_no == max_attempts {
+            std::mem::replace(&mut parts, Request::new(()).into_parts().0)
+        } else {
+            clone_parts(&parts)
+        };
+        let mut req = Request::from_parts(head, attempt_body);
         // The time this attempt has: the per-try timeout, capped by what is left of the
         // route timeout (Envoy's `setTimeoutHeaders`).
         if !suppress {
