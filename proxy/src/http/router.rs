@@ -83,8 +83,8 @@ struct PostProcess {
     request_headers: Option<http::HeaderMap>,
     /// The request line as received, for `%REQ(:authority)%` and friends.
     method: http::Method,
-    authority: String,
-    path: String,
+    authority: Option<HeaderValue>,
+    path: Option<http::uri::PathAndQuery>,
     cors_headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
@@ -92,7 +92,12 @@ impl PostProcess {
     fn apply(self, resp: &mut Response<Body>) {
         let PostProcess { routed, ctx, request_headers, method, authority, path, cors_headers } = self;
         let local = resp.extensions().get::<LocalReply>().is_some();
-        let pseudo = PseudoHeaders { method: method.as_str(), authority: &authority, path: &path, scheme: ctx.scheme };
+        let pseudo = PseudoHeaders {
+            method: method.as_str(),
+            authority: authority_str(authority.as_ref()),
+            path: path_str(path.as_ref()),
+            scheme: ctx.scheme,
+        };
         let tctx = template_ctx(&ctx, request_headers.as_ref(), pseudo);
         route::apply_response_mutations(
             &routed.route_config,
@@ -110,6 +115,14 @@ impl PostProcess {
             resp.headers_mut().insert(X_ENVOY_UPSTREAM_SERVICE_TIME, HeaderValue::from(ms as u64));
         }
     }
+}
+
+fn authority_str(v: Option<&HeaderValue>) -> &str {
+    v.and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+fn path_str(p: Option<&http::uri::PathAndQuery>) -> &str {
+    p.map(|p| p.as_str()).unwrap_or("/")
 }
 
 /// Whether any response header mutation on the route's path uses `%REQ(...)%`.
@@ -152,14 +165,18 @@ fn route_request(mut req: Request<Body>) -> Decision {
         return Decision::Reply(local_reply(LocalReason::NoRoute, grpc));
     };
     let random: u64 = rand::random();
-    let authority = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    // The request line as received, kept for response templates: clones of the header value
+    // and the path share their buffers (no copy per request).
+    let authority_value = req.headers().get(header::HOST).cloned();
+    let path_value = req.uri().path_and_query().cloned();
+    let authority = authority_str(authority_value.as_ref());
+    let path = path_str(path_value.as_ref());
     let method = req.method().clone();
     let (vhost, route_index, cors_decision) = {
         let view = RequestView {
             method: req.method(),
-            path: &path,
-            authority: &authority,
+            path,
+            authority,
             scheme: ctx.scheme,
             headers: req.headers(),
             peer_certificate_presented: ctx.conn.tls.as_ref().is_some_and(|t| t.peer_certificate),
@@ -219,8 +236,7 @@ fn route_request(mut req: Request<Body>) -> Decision {
         };
         if let Some(mut resp) = local {
             resp.extensions_mut().insert(LocalReply(LocalReason::Configured));
-            let pseudo =
-                PseudoHeaders { method: view.method.as_str(), authority: &authority, path: &path, scheme: ctx.scheme };
+            let pseudo = PseudoHeaders { method: view.method.as_str(), authority, path, scheme: ctx.scheme };
             let tctx = template_ctx(&ctx, Some(req.headers()), pseudo);
             route::apply_response_mutations(&rc, vhost, route, None, resp.headers_mut(), &tctx);
             return Decision::Reply(resp);
@@ -273,7 +289,7 @@ fn route_request(mut req: Request<Body>) -> Decision {
     // the path rewrite.
     let request_headers = response_needs_request_headers(&routed).then(|| req.headers().clone());
     {
-        let pseudo = PseudoHeaders { method: method.as_str(), authority: &authority, path: &path, scheme: ctx.scheme };
+        let pseudo = PseudoHeaders { method: method.as_str(), authority, path, scheme: ctx.scheme };
         let tctx = template_ctx(&ctx, None, pseudo);
         route::apply_request_mutations(&rc, &vhost, route, routed.weighted_cluster(), req.headers_mut(), &tctx);
     }
@@ -284,17 +300,17 @@ fn route_request(mut req: Request<Body>) -> Decision {
     {
         req.headers_mut().insert(header::HOST, v);
     }
-    if let Some(host) = route::rewrite_host(action, None, req.headers(), &path)
+    if let Some(host) = route::rewrite_host(action, None, req.headers(), path)
         && let Ok(v) = HeaderValue::from_str(&host)
         && let Some(before) = req.headers_mut().insert(header::HOST, v)
         && !suppress_envoy_headers(&ctx)
     {
         req.headers_mut().insert(X_ENVOY_ORIGINAL_HOST, before);
     }
-    if let Some(new_path) = route::rewrite_path(action, &route.matcher.path, route.matcher.case_sensitive, &path)
+    if let Some(new_path) = route::rewrite_path(action, &route.matcher.path, route.matcher.case_sensitive, path)
         && let Ok(uri) = Uri::try_from(new_path.as_str())
     {
-        if let Ok(v) = HeaderValue::from_str(&path) {
+        if let Ok(v) = HeaderValue::from_str(path) {
             req.headers_mut().insert(X_ENVOY_ORIGINAL_PATH, v);
         }
         *req.uri_mut() = uri;
@@ -305,7 +321,15 @@ fn route_request(mut req: Request<Body>) -> Decision {
     req.extensions_mut().insert(routed.clone());
     Decision::Forward(
         req,
-        Box::new(PostProcess { routed, ctx, request_headers, method, authority, path, cors_headers }),
+        Box::new(PostProcess {
+            routed,
+            ctx,
+            request_headers,
+            method,
+            authority: authority_value,
+            path: path_value,
+            cors_headers,
+        }),
     )
 }
 
