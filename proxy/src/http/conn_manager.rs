@@ -22,18 +22,27 @@ use sluice_config::model::{
 use tower::{Layer, Service};
 
 use super::ctx::{ConnInfo, RequestCtx};
+use super::grpc_web::grpc_status;
 use super::local_reply::{LocalReason, is_grpc, local_reply};
 use super::stream_timers::{BeforeResponse, ClockedBody, StreamClock};
 use crate::body::Body;
 use crate::control::SnapshotHub;
 use crate::http::header_names::{
-    GRPC_STATUS, X_ENVOY_EXTERNAL_ADDRESS, X_ENVOY_INTERNAL, X_FORWARDED_CLIENT_CERT, X_FORWARDED_FOR,
-    X_FORWARDED_PROTO, X_REQUEST_ID,
+    X_ENVOY_EXTERNAL_ADDRESS, X_ENVOY_INTERNAL, X_FORWARDED_CLIENT_CERT, X_FORWARDED_FOR, X_FORWARDED_PROTO,
+    X_REQUEST_ID,
 };
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) a proxy must not forward.
-pub const HOP_BY_HOP: [&str; 6] =
-    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
+/// Names, not strings: these lists are applied to every request, and a `&str` key is parsed
+/// on each lookup.
+pub const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+];
 
 /// The connection manager configuration a connection uses: the one its filter chain had
 /// at accept time, refreshed whenever a new snapshot changes it. Connections are never
@@ -215,7 +224,7 @@ pub fn prepare(
 
     // Client address and XFF. Repeated XFF lines count as one comma-joined value, as Envoy
     // keeps them.
-    join_repeated(req.headers_mut(), "x-forwarded-for");
+    join_repeated(req.headers_mut(), &X_FORWARDED_FOR);
     let peer_ip = conn.remote.ip();
     let client_ip = client_address(req.headers(), peer_ip, hcm);
     let internal = is_internal(client_ip, &hcm.internal_address_cidrs);
@@ -326,10 +335,10 @@ pub fn strip_hop_by_hop(h: &mut http::HeaderMap, keep_upgrade: bool) {
         h.remove(n);
     }
     for name in HOP_BY_HOP {
-        if keep_upgrade && (name == "connection" || name == "upgrade") {
+        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
             continue;
         }
-        if name == "te" {
+        if name == header::TE {
             // `te: trailers` is end-to-end for gRPC over HTTP/2; anything else is dropped.
             if let Some(v) = h.get(header::TE)
                 && v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
@@ -400,31 +409,31 @@ fn headers_with_underscores(req: &mut Request<Body>, action: HeadersWithUndersco
 /// Envoy's control headers, removed from requests that are not internal
 /// (`ConnectionManagerUtility::cleanInternalHeaders`): a client must not steer retries or
 /// timeouts.
-const CONTROL_HEADERS: [&str; 15] = [
-    "x-envoy-retry-on",
-    "x-envoy-retry-grpc-on",
-    "x-envoy-max-retries",
-    "x-envoy-retriable-status-codes",
-    "x-envoy-retriable-header-names",
-    "x-envoy-upstream-rq-timeout-ms",
-    "x-envoy-upstream-rq-per-try-timeout-ms",
-    "x-envoy-upstream-rq-timeout-alt-response",
-    "x-envoy-expected-rq-timeout-ms",
-    "x-envoy-upstream-alt-stat-name",
-    "x-envoy-upstream-stream-duration-ms",
-    "x-envoy-force-trace",
-    "x-envoy-ip-tags",
-    "x-envoy-original-url",
-    "x-envoy-hedge-on-per-try-timeout",
+const CONTROL_HEADERS: [HeaderName; 15] = [
+    HeaderName::from_static("x-envoy-retry-on"),
+    HeaderName::from_static("x-envoy-retry-grpc-on"),
+    HeaderName::from_static("x-envoy-max-retries"),
+    HeaderName::from_static("x-envoy-retriable-status-codes"),
+    HeaderName::from_static("x-envoy-retriable-header-names"),
+    HeaderName::from_static("x-envoy-upstream-rq-timeout-ms"),
+    HeaderName::from_static("x-envoy-upstream-rq-per-try-timeout-ms"),
+    HeaderName::from_static("x-envoy-upstream-rq-timeout-alt-response"),
+    HeaderName::from_static("x-envoy-expected-rq-timeout-ms"),
+    HeaderName::from_static("x-envoy-upstream-alt-stat-name"),
+    HeaderName::from_static("x-envoy-upstream-stream-duration-ms"),
+    HeaderName::from_static("x-envoy-force-trace"),
+    HeaderName::from_static("x-envoy-ip-tags"),
+    HeaderName::from_static("x-envoy-original-url"),
+    HeaderName::from_static("x-envoy-hedge-on-per-try-timeout"),
 ];
 
 /// Removed as well on edge requests (`use_remote_address` and not internal).
-const EDGE_HEADERS: [&str; 5] = [
-    "x-envoy-decorator-operation",
-    "x-envoy-downstream-service-cluster",
-    "x-envoy-downstream-service-node",
-    "x-envoy-original-path",
-    "x-envoy-original-host",
+const EDGE_HEADERS: [HeaderName; 5] = [
+    HeaderName::from_static("x-envoy-decorator-operation"),
+    HeaderName::from_static("x-envoy-downstream-service-cluster"),
+    HeaderName::from_static("x-envoy-downstream-service-node"),
+    HeaderName::from_static("x-envoy-original-path"),
+    HeaderName::from_static("x-envoy-original-host"),
 ];
 
 /// Envoy's request sanitising (`mutateRequestHeaders`): a client never decides whether it is
@@ -452,12 +461,12 @@ fn sanitize(h: &mut http::HeaderMap, internal: bool, edge: bool, client: IpAddr)
 }
 
 /// Folds repeated lines of a header into one comma-joined value.
-fn join_repeated(h: &mut http::HeaderMap, name: &'static str) {
+fn join_repeated(h: &mut http::HeaderMap, name: &HeaderName) {
     let mut values = h.get_all(name).iter();
     let (Some(_), Some(_)) = (values.next(), values.next()) else { return };
     let joined: Vec<&str> = h.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
     if let Ok(v) = HeaderValue::from_str(&joined.join(",")) {
-        h.insert(name, v);
+        h.insert(name.clone(), v);
     }
 }
 
@@ -963,10 +972,6 @@ fn server_span_attributes(req: &Request<Body>, ctx: &RequestCtx) -> Vec<opentele
     a
 }
 
-fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
-    h.get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse().ok())
-}
-
 /// Counts gRPC messages in a body: each is a 5-byte prefix (flag, big-endian length) and
 /// the message, and either may be split across data frames.
 #[derive(Debug, Default, Clone)]
@@ -1185,6 +1190,44 @@ mod tests {
         let mut g = GrpcFrames::default();
         g.feed(&wire);
         assert_eq!(g.count, 2);
+    }
+
+    #[test]
+    fn authority_normalisation() {
+        let req = |uri: &str, hosts: &[&str], version: http::Version| {
+            let mut b = Request::builder().uri(uri).version(version);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            b.body(crate::body::empty()).unwrap()
+        };
+        let hosts = |r: &Request<Body>| -> Vec<String> {
+            r.headers().get_all(header::HOST).iter().map(|v| v.to_str().unwrap().to_string()).collect()
+        };
+        // Origin form with one Host: untouched.
+        let mut r = req("/a?b=1", &["web.example"], http::Version::HTTP_11);
+        normalize_authority(&mut r).unwrap();
+        assert_eq!((hosts(&r), r.uri().to_string()), (vec!["web.example".to_string()], "/a?b=1".to_string()));
+        // Absolute form (and HTTP/2's :authority): the URI's authority wins and the URI keeps
+        // only its path and query.
+        let mut r = req("http://api.example:8080/p?q", &["other"], http::Version::HTTP_11);
+        normalize_authority(&mut r).unwrap();
+        assert_eq!((hosts(&r), r.uri().to_string()), (vec!["api.example:8080".to_string()], "/p?q".to_string()));
+        let mut r = req("http://api.example", &[], http::Version::HTTP_2);
+        normalize_authority(&mut r).unwrap();
+        assert_eq!((hosts(&r), r.uri().to_string()), (vec!["api.example".to_string()], "/".to_string()));
+        // Repeated Host lines collapse to the first.
+        let mut r = req("/", &["a.example", "b.example"], http::Version::HTTP_11);
+        normalize_authority(&mut r).unwrap();
+        assert_eq!(hosts(&r), vec!["a.example".to_string()]);
+        // No authority at all: 400 on HTTP/1.1, allowed on HTTP/1.0.
+        assert_eq!(
+            normalize_authority(&mut req("/", &[], http::Version::HTTP_11)).unwrap_err(),
+            LocalReason::BadRequest
+        );
+        let mut r = req("/", &[], http::Version::HTTP_10);
+        normalize_authority(&mut r).unwrap();
+        assert!(hosts(&r).is_empty());
     }
 
     #[test]

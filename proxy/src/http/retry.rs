@@ -6,7 +6,6 @@ use std::time::Duration;
 use http::Response;
 use sluice_config::model::{HeaderMatchSpec, HeaderMatcher, RetryPolicy};
 
-use crate::http::header_names::GRPC_STATUS;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// What one upstream attempt produced.
@@ -50,9 +49,7 @@ pub fn should_retry(policy: &RetryPolicy, attempt: &Attempt) -> bool {
                 return true;
             }
             // gRPC status in a trailers-only response.
-            if let Some(code) =
-                r.headers().get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u32>().ok())
-            {
+            if let Some(code) = crate::http::grpc_web::grpc_status(r.headers()) {
                 return match code {
                     1 => on.grpc_cancelled,
                     4 => on.grpc_deadline_exceeded,
